@@ -1,0 +1,266 @@
+"""Training: one classifier loop (CE or CosFace, optional augmentation), one GAN loop,
+device/seed handling, progress, and the artifact store keyed by config hash."""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import random
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from . import artifacts
+from .config import ClassifierCfg, Config, GanCfg, config_from_dict
+from .data import Bundle, Split, load_bundle
+from .models import (Classifier, Generator, build_classifier, build_discriminator, build_generator,
+                     diff_augment, freeze, recalibrate_bn)
+
+ProgressFn = Callable[[int, int, dict], None]
+
+
+# ----------------------------------------------------------------------------- environment
+
+def pick_device(spec: str = "auto") -> torch.device:
+    """``auto`` -> CUDA when present, else CPU; ``cpu``/``cuda``/``cuda:N`` as given."""
+    if spec in (None, "", "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(spec)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"run.device={spec!r} but CUDA is not available on this machine (use auto or cpu)")
+    return dev
+
+
+def seed_everything(seed: int) -> torch.Generator:
+    random.seed(seed)
+    np.random.seed(seed % 2 ** 32)
+    torch.manual_seed(seed)
+    return torch.Generator().manual_seed(seed)
+
+
+def set_threads(n: int) -> None:
+    if n and n > 0:
+        torch.set_num_threads(n)
+
+
+class Progress:
+    """Prints ``label step/total (pct) eta`` at most every ``every_s`` seconds."""
+
+    def __init__(self, label: str, every_s: float = 10.0, stream=None):
+        self.label, self.every_s, self.t0, self.last = label, every_s, time.time(), 0.0
+        self.stream = stream or sys.stdout
+
+    def __call__(self, step: int, total: int, metrics: dict) -> None:
+        now = time.time()
+        if step < total and now - self.last < self.every_s:
+            return
+        self.last = now
+        el = now - self.t0
+        eta = el / max(step, 1) * (total - step)
+        ms = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items())
+        print(f"[{self.label}] {step}/{total} ({100 * step / max(total, 1):.0f}%) "
+              f"elapsed {el:.0f}s eta {eta:.0f}s {ms}", file=self.stream, flush=True)
+
+
+# ----------------------------------------------------------------------------- classifier
+
+@torch.no_grad()
+def predict_logits(model: torch.nn.Module, x: torch.Tensor, device, batch: int = 512) -> torch.Tensor:
+    model.eval()
+    return torch.cat([model(x[i:i + batch].to(device)).float().cpu() for i in range(0, x.shape[0], batch)])
+
+
+def accuracy(model: torch.nn.Module, split: Split, device) -> float:
+    if len(split) == 0:
+        return float("nan")
+    return float((predict_logits(model, split.x, device).argmax(1) == split.y).float().mean())
+
+
+def augment_batch(x: torch.Tensor, hflip: bool) -> torch.Tensor:
+    if hflip:
+        flip = torch.rand(x.shape[0], device=x.device) < 0.5
+        x = torch.where(flip[:, None, None, None], x.flip(3), x)
+    return diff_augment(x, "translation")
+
+
+def train_classifier(c: ClassifierCfg, train: Split, test: Optional[Split], n_classes: int, device,
+                     seed: int, progress: Optional[ProgressFn] = None, hflip: bool = True,
+                     extra_loss: Optional[Callable[[Classifier], torch.Tensor]] = None) -> tuple[Classifier, dict]:
+    """Train a classifier with CE or CosFace (margin logits), Adam + cosine LR decay.
+
+    ``extra_loss(model)`` is added to each step's loss (the calibrated dummy model uses it).
+    """
+    g = seed_everything(seed)
+    model = build_classifier(c, train.x.shape[1], train.x.shape[-1], n_classes).to(device)
+    opt = torch.optim.Adam(model.parameters(), lr=c.lr, weight_decay=c.weight_decay)
+    n = len(train)
+    steps_per_epoch = max(1, math.ceil(n / c.batch_size))
+    total = c.epochs * steps_per_epoch
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=c.lr, total_steps=total, pct_start=0.15)
+    x_all, y_all = train.x.to(device), train.y.to(device)
+    step, t0 = 0, time.time()
+    loss_v = float("nan")
+    for epoch in range(c.epochs):
+        model.train()
+        perm = torch.randperm(n, generator=g).to(device)
+        for i in range(0, n, c.batch_size):
+            idx = perm[i:i + c.batch_size]
+            if idx.numel() < 2:
+                continue
+            xb, yb = x_all[idx], y_all[idx]
+            if c.augment:
+                xb = augment_batch(xb, hflip)
+            loss = F.cross_entropy(model.training_logits(xb, yb), yb)
+            if extra_loss is not None:
+                loss = loss + extra_loss(model)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            step += 1
+            loss_v = loss.item()
+            if progress:
+                progress(step, total, {"epoch": epoch + 1, "loss": loss_v})
+    metrics = {"train_loss": loss_v, "train_acc": accuracy(model, train, device), "seconds": time.time() - t0,
+               "n_train": n}
+    if test is not None:
+        metrics["test_acc"] = accuracy(model, test, device)
+        metrics["n_test"] = len(test)
+    freeze(model)
+    return model, metrics
+
+
+# ----------------------------------------------------------------------------- GAN
+
+def train_gan(gc: GanCfg, images: torch.Tensor, device, seed: int,
+              progress: Optional[ProgressFn] = None) -> tuple[Generator, dict]:
+    """Non-saturating GAN with DiffAugment on real and fake images and minibatch
+    discrimination in D.  G's BatchNorm statistics are re-estimated at the end so that
+    eval-mode samples match what G produced in training; G is returned frozen."""
+    g = seed_everything(seed)
+    ch, size = images.shape[1], images.shape[-1]
+    G = build_generator(gc, ch, size).to(device)
+    D = build_discriminator(gc, ch, size).to(device)
+    og = torch.optim.Adam(G.parameters(), lr=gc.lr_g, betas=(gc.beta1, 0.999))
+    od = torch.optim.Adam(D.parameters(), lr=gc.lr_d, betas=(gc.beta1, 0.999))
+    real_all = images.to(device)
+    n = real_all.shape[0]
+    t0 = time.time()
+    ld = lg = float("nan")
+    for it in range(1, gc.iters + 1):
+        idx = torch.randint(0, n, (gc.batch_size,), generator=g).to(device)
+        real = real_all[idx]
+        flip = (torch.rand(gc.batch_size, generator=g) < 0.5).to(device)
+        real = torch.where(flip[:, None, None, None], real.flip(3), real)
+        z = torch.randn(gc.batch_size, gc.latent_dim, generator=g).to(device)
+        fake = G(z)
+        d_loss = F.softplus(-D(diff_augment(real, gc.diffaug))).mean() + \
+            F.softplus(D(diff_augment(fake.detach(), gc.diffaug))).mean()
+        od.zero_grad(set_to_none=True)
+        d_loss.backward()
+        od.step()
+        g_loss = F.softplus(-D(diff_augment(fake, gc.diffaug))).mean()
+        og.zero_grad(set_to_none=True)
+        g_loss.backward()
+        og.step()
+        ld, lg = d_loss.item(), g_loss.item()
+        if progress:
+            progress(it, gc.iters, {"d_loss": ld, "g_loss": lg})
+    recalibrate_bn(G, gc.bn_calib_batches, max(gc.batch_size, 64), device,
+                   torch.Generator(device=device).manual_seed(seed + 1))
+    freeze(G)
+    return G, {"d_loss": ld, "g_loss": lg, "seconds": time.time() - t0, "n_images": n}
+
+
+@torch.no_grad()
+def sample_grid(G: Generator, path, n: int = 64, seed: int = 0, nrow: int = 8) -> Path:
+    from torchvision.utils import save_image
+    dev = next(G.parameters()).device
+    z = torch.randn(n, G.latent_dim, generator=torch.Generator().manual_seed(seed)).to(dev)
+    G.eval()
+    save_image(G(z).float().cpu(), str(path), nrow=nrow, padding=1)
+    return Path(path)
+
+
+# ----------------------------------------------------------------------------- artifact store
+
+#: kind -> config sections that determine it (besides data and run.seed)
+KIND_SECTIONS = {
+    "target": ("target",),
+    "evaluator": ("evaluator",),
+    "gan": ("gan",),
+    "attacker_gan": ("attacker_gan",),
+}
+
+
+def artifact_dir(cfg: Config, kind: str, extra_sections: tuple = ()) -> Path:
+    sections = KIND_SECTIONS.get(kind, ()) + tuple(extra_sections)
+    d = cfg.to_dict()
+    key = {"data": d["data"], "seed": cfg.run.seed, "kind": kind, **{s: d[s] for s in sections}}
+    h = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
+    return Path(cfg.run.out_root) / cfg.run.name / "artifacts" / f"{kind}-{h}"
+
+
+def _kind_seed(cfg: Config, kind: str) -> int:
+    return cfg.run.seed * 1000 + sorted(KIND_SECTIONS).index(kind) + 1
+
+
+def train_artifact(cfg: Config, kind: str, bundle: Optional[Bundle] = None,
+                   progress: Optional[ProgressFn] = None) -> Path:
+    """Train one base artifact (target, evaluator, gan, attacker_gan) unless an artifact
+    with the same config hash exists; return its directory."""
+    out = artifact_dir(cfg, kind)
+    if artifacts.artifact_exists(out):
+        return out
+    set_threads(cfg.run.threads)
+    device = pick_device(cfg.run.device)
+    bundle = bundle or load_bundle(cfg.data)
+    seed = _kind_seed(cfg, kind)
+    progress = progress or Progress(kind)
+    faces = bundle.name not in ("mnist5k", "digits", "mnist")
+    meta = {"kind": kind, "config": cfg.to_dict(), "seed": seed, "device": str(device),
+            "image_shape": list(bundle.private_train.x.shape[1:]), "versions": artifacts.versions()}
+    if kind in ("target", "evaluator"):
+        c = cfg.target if kind == "target" else cfg.evaluator
+        tr, te = (bundle.private_train, bundle.private_test) if kind == "target" else (bundle.eval_train, bundle.eval_test)
+        n_classes = bundle.n_private if kind == "target" else bundle.n_eval
+        model, metrics = train_classifier(c, tr, te, n_classes, device, seed, progress, hflip=faces)
+        meta.update({"section": kind, "n_classes": n_classes, "metrics": metrics})
+        artifacts.save_artifact(out, {"model": model.state_dict()}, meta)
+    else:
+        gc = cfg.gan if kind == "gan" else cfg.attacker_gan
+        imgs = bundle.private_train.x if kind == "gan" else bundle.aux.x
+        G, metrics = train_gan(gc, imgs, device, seed, progress)
+        meta.update({"section": kind, "metrics": metrics})
+        out = artifacts.save_artifact(out, {"generator": G.state_dict()}, meta)
+        sample_grid(G, out / "samples.png", seed=seed)
+    return out
+
+
+def _meta_config(man: dict) -> Config:
+    return config_from_dict(man["config"])
+
+
+def load_classifier(directory, device="cpu") -> tuple[Classifier, dict]:
+    man, tensors = artifacts.load_artifact(directory)
+    cfg = _meta_config(man)
+    c = getattr(cfg, man["section"])
+    ch, size = man["image_shape"][0], man["image_shape"][-1]
+    model = build_classifier(c, ch, size, man["n_classes"])
+    model.load_state_dict(tensors["model"])
+    return freeze(model.to(device)), man
+
+
+def load_generator(directory, device="cpu") -> tuple[Generator, dict]:
+    man, tensors = artifacts.load_artifact(directory)
+    cfg = _meta_config(man)
+    gc = getattr(cfg, man["section"])
+    ch, size = man["image_shape"][0], man["image_shape"][-1]
+    G = build_generator(gc, ch, size)
+    G.load_state_dict(tensors["generator"])
+    return freeze(G.to(device)), man
