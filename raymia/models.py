@@ -295,6 +295,19 @@ def diff_augment(x: torch.Tensor, policy: str) -> torch.Tensor:
     return x
 
 
+class ProbModel(nn.Module):
+    """A logit classifier seen as a released confidence-vector model:
+    ``forward(x, alpha=None)`` returns softmax probabilities (alpha is ignored, so it
+    drops in wherever a :class:`~raymia.defenses.dummy.CombinedModel` goes)."""
+
+    def __init__(self, classifier: nn.Module):
+        super().__init__()
+        self.classifier = classifier
+
+    def forward(self, x: torch.Tensor, alpha=None) -> torch.Tensor:
+        return torch.softmax(self.classifier(x).float(), 1)
+
+
 def freeze(model: nn.Module) -> nn.Module:
     """Eval mode and no parameter gradients: the state every model is in during attacks
     (train-mode BatchNorm would couple the rows of a batch)."""

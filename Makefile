@@ -1,0 +1,31 @@
+# raymia: `make demo` runs the main job on the embedded default, `make test` the suite.
+# Both bootstrap .venv from pyproject.toml on first use.
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed-stamp
+export RAY_USAGE_STATS_ENABLED := 0
+export RAY_AUTH_MODE := disabled
+export PYTHONUNBUFFERED := 1
+
+.PHONY: install demo train test bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: install
+	$(PY) jobs/alpha_sweep.py $(ARGS)
+
+train: install
+	$(PY) jobs/train.py $(ARGS)
+
+test: install
+	mkdir -p .tmp
+	TMPDIR=$(CURDIR)/.tmp RAY_TMPDIR=$(CURDIR)/.tmp $(PY) -m pytest -q $(ARGS)
+
+clean:
+	rm -rf .tmp .pytest_cache

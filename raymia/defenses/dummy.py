@@ -1,0 +1,151 @@
+"""Dummy-model defense (Kotsuji & Nakamura, VISAPP 2025).
+
+* :func:`dummy_training_set` draws n anchors z_i ~ N(0, sigma2 I) and m neighbours
+  z_il ~ N(z_i, sigma_tilde2 I) each, and renders them with the defender's generator G
+  (paper §4.2).
+* :func:`train_dummy` trains R_dmy (R_T's architecture and loss) to give class i to
+  G(z_il) (Eq. 4).  ``variant="calibrated"`` (beyond the paper) adds
+  ``calib_weight * CE(uniform, R_dmy(x_real))`` on the defender's own real training
+  faces, pushing R_dmy towards 1/n on real faces, which the paper assumes (§4.1) but
+  which does not hold by itself on small data.
+* :class:`CombinedModel` is the released model y = alpha R_T(x) + (1 - alpha) R_dmy(x)
+  on confidence vectors (Eq. 1); alpha may be a scalar or one value per batch row.
+"""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Optional, Union
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .. import artifacts
+from ..config import Config
+from ..data import Bundle, Split
+from ..models import Generator, build_classifier, freeze
+from ..training import (ProgressFn, artifact_dir, augment_batch, load_generator,
+                        pick_device, predict_logits, train_classifier)
+
+DUMMY_SECTIONS = ("target", "gan", "dummy")
+
+
+@torch.no_grad()
+def dummy_training_set(G: Generator, n: int, m: int, sigma2: float, sigma_tilde2: float, seed: int,
+                       device) -> dict[str, torch.Tensor]:
+    """Anchors and neighbours of the dummy model's training set D_dmy (paper §4.2)."""
+    g = torch.Generator().manual_seed(seed)
+    z = torch.randn(n, G.latent_dim, generator=g) * sigma2 ** 0.5
+    zl = z.repeat_interleave(m, 0) + torch.randn(n * m, G.latent_dim, generator=g) * sigma_tilde2 ** 0.5
+    G.eval()
+    render = lambda lat: torch.cat([G(lat[i:i + 256].to(device)).float().cpu() for i in range(0, lat.shape[0], 256)])
+    return {"anchor_z": z, "anchor_x": render(z), "neighbour_z": zl, "neighbour_x": render(zl),
+            "neighbour_y": torch.arange(n).repeat_interleave(m)}
+
+
+def dummy_artifact_dir(cfg: Config, variant: str) -> Path:
+    c = dataclasses.replace(cfg, dummy=dataclasses.replace(cfg.dummy, variant=variant))
+    return artifact_dir(c, f"dummy-{variant}", DUMMY_SECTIONS)
+
+
+def uniform_ce(logits: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy between the uniform distribution and softmax(logits), minus log n:
+    zero exactly when the output is uniform."""
+    return -(F.log_softmax(logits, 1).mean(1)).mean() - torch.log(torch.tensor(float(logits.shape[1])))
+
+
+def train_dummy(cfg: Config, G: Generator, bundle: Bundle, variant: str, device, seed: int,
+                progress: Optional[ProgressFn] = None):
+    """Train R_dmy for ``variant`` (paper | calibrated).  Returns (model, anchors, metrics)."""
+    dm = cfg.dummy
+    n = bundle.n_private
+    ds = dummy_training_set(G, n, dm.m, dm.sigma2, dm.sigma_tilde2, seed, device)
+    ccfg = dataclasses.replace(cfg.target, epochs=dm.epochs, batch_size=dm.batch_size, lr=dm.lr, augment=False)
+    extra = None
+    if variant == "calibrated":
+        real = bundle.private_train.x.to(device)
+        gen = torch.Generator().manual_seed(seed + 7)
+
+        def extra(model):
+            idx = torch.randint(0, real.shape[0], (dm.batch_size,), generator=gen).to(device)
+            return dm.calib_weight * uniform_ce(model(augment_batch(real[idx], True)))
+    elif variant != "paper":
+        raise ValueError(f"unknown dummy variant {variant!r} (paper, calibrated)")
+    train = Split(ds["neighbour_x"], ds["neighbour_y"])
+    model, metrics = train_classifier(ccfg, train, None, n, device, seed, progress, hflip=False, extra_loss=extra)
+    metrics.update(dummy_confidence(model, bundle, ds, device))
+    return model, ds, metrics
+
+
+def dummy_confidence(model: nn.Module, bundle: Bundle, ds: dict, device) -> dict:
+    """R_dmy's mean top confidence on real test faces (the paper assumes ~1/n), on its
+    anchors, and whether it labels each anchor as its own class."""
+    pr = F.softmax(predict_logits(model, bundle.private_test.x, device), 1)
+    pa = F.softmax(predict_logits(model, ds["anchor_x"], device), 1)
+    n = pr.shape[1]
+    return {"dmy_top_conf_real": float(pr.max(1).values.mean()), "uniform_conf": 1.0 / n,
+            "dmy_top_conf_anchor": float(pa.max(1).values.mean()),
+            "dmy_anchor_acc": float((pa.argmax(1) == torch.arange(n)).float().mean())}
+
+
+def train_dummy_artifact(cfg: Config, variant: str, bundle: Optional[Bundle] = None,
+                         progress: Optional[ProgressFn] = None) -> Path:
+    """Train and store R_dmy for ``variant`` unless it exists (needs the ``gan`` artifact)."""
+    from ..data import load_bundle
+    out = dummy_artifact_dir(cfg, variant)
+    if artifacts.artifact_exists(out):
+        return out
+    device = pick_device(cfg.run.device)
+    bundle = bundle or load_bundle(cfg.data)
+    G, _ = load_generator(artifact_dir(cfg, "gan"), device)
+    seed = cfg.run.seed * 1000 + 100 + (0 if variant == "paper" else 1)
+    model, ds, metrics = train_dummy(cfg, G, bundle, variant, device, seed, progress)
+    meta = {"kind": f"dummy-{variant}", "section": "target", "variant": variant, "config": cfg.to_dict(),
+            "seed": seed, "n_classes": bundle.n_private, "image_shape": list(bundle.private_train.x.shape[1:]),
+            "metrics": metrics, "versions": artifacts.versions()}
+    anchors = {"z": ds["anchor_z"], "x": ds["anchor_x"]}
+    out = artifacts.save_artifact(out, {"model": model.state_dict(), "anchors": anchors}, meta)
+    from torchvision.utils import save_image
+    save_image(ds["anchor_x"], str(out / "anchors.png"), nrow=10, padding=1)
+    return out
+
+
+def load_dummy(directory, device="cpu"):
+    """(R_dmy frozen, anchors {"z", "x"}, manifest)."""
+    from ..config import config_from_dict
+    man, tensors = artifacts.load_artifact(directory)
+    cfg = config_from_dict(man["config"])
+    ch, size = man["image_shape"][0], man["image_shape"][-1]
+    model = build_classifier(cfg.target, ch, size, man["n_classes"])
+    model.load_state_dict(tensors["model"])
+    return freeze(model.to(device)), tensors["anchors"], man
+
+
+class CombinedModel(nn.Module):
+    """The released model R'(x) = alpha * softmax(R_T(x)) + (1 - alpha) * softmax(R_dmy(x)).
+
+    To anyone holding it, it is one two-branch network with a single confidence-vector
+    head (the paper's white-box attacker cannot tell it is defended).  ``alpha`` is a
+    buffer (scalar) that ``forward(x, alpha=...)`` can override with a scalar or a
+    per-row tensor of shape (B,), so one pass serves many alphas.
+    """
+
+    def __init__(self, target: nn.Module, dummy: nn.Module, alpha: float = 0.25):
+        super().__init__()
+        self.target, self.dummy = target, dummy
+        self.register_buffer("alpha", torch.tensor(float(alpha)))
+
+    def branch_probs(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return F.softmax(self.target(x).float(), 1), F.softmax(self.dummy(x).float(), 1)
+
+    @staticmethod
+    def mix(p_t: torch.Tensor, p_d: torch.Tensor, alpha: Union[float, torch.Tensor]) -> torch.Tensor:
+        a = torch.as_tensor(alpha, dtype=p_t.dtype, device=p_t.device)
+        if a.ndim == 1:
+            a = a[:, None]
+        return a * p_t + (1.0 - a) * p_d
+
+    def forward(self, x: torch.Tensor, alpha: Optional[Union[float, torch.Tensor]] = None) -> torch.Tensor:
+        p_t, p_d = self.branch_probs(x)
+        return self.mix(p_t, p_d, self.alpha if alpha is None else alpha)

@@ -1,0 +1,132 @@
+"""Evaluation of model-inversion results and of the released model.
+
+* :class:`ReconstructionScorer` (what the evaluator actor holds): R_E's top-1/top-5
+  decision for each reconstruction (the paper's success criterion), R_E's rank of the
+  target, and — beyond the paper — the cosine distance in R_E's penultimate features
+  to the nearest private training image of the target and to the target's synthetic
+  anchor, which shows where the attack was led.
+* per-alpha summaries with a bootstrap 95% CI over targets, accuracy of R' at every
+  alpha from one forward pass, and the alpha recommendation.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+
+from .data import Split
+
+
+@torch.no_grad()
+def _embed(model, x: torch.Tensor, device, batch: int = 512) -> tuple[torch.Tensor, torch.Tensor]:
+    feats, logits = [], []
+    for i in range(0, x.shape[0], batch):
+        e = model.embed(x[i:i + batch].to(device))
+        feats.append(F.normalize(e.float(), dim=1).cpu())
+        logits.append(model.head(e).float().cpu())
+    return torch.cat(feats), torch.cat(logits)
+
+
+class ReconstructionScorer:
+    """Scores reconstructions with the evaluation model R_E.
+
+    ``private`` holds R_T's training images (labels = R_T classes); ``private_to_eval``
+    maps R_T classes to R_E classes; ``anchors`` maps a variant to its synthetic anchor
+    images (row i = anchor of class i)."""
+
+    def __init__(self, evaluator, private: Split, private_to_eval: torch.Tensor,
+                 anchors: Optional[dict] = None, device="cpu", k: int = 5):
+        self.model, self.device, self.k = evaluator, device, k
+        self.p2e = private_to_eval.long()
+        self.private_feats, _ = _embed(evaluator, private.x, device)
+        self.private_y = private.y.long()
+        self.anchor_feats = {v: _embed(evaluator, a, device)[0] for v, a in (anchors or {}).items()}
+        self.anchor_logits = {v: _embed(evaluator, a, device)[1] for v, a in (anchors or {}).items()}
+
+    def score(self, images: torch.Tensor, targets: Sequence[int], variant: Optional[str] = None) -> dict:
+        t = torch.as_tensor(list(targets), dtype=torch.long)
+        if t.numel() and (int(t.min()) < 0 or int(t.max()) >= self.p2e.numel()):
+            raise ValueError(f"target outside R_T's classes 0..{self.p2e.numel() - 1}")
+        feats, logits = _embed(self.model, images, self.device)
+        et = self.p2e[t]
+        true_logit = logits.gather(1, et[:, None])
+        rank = (logits > true_logit).sum(1) + 1
+        sims = feats @ self.private_feats.T                             # (R, N_private)
+        same = (self.private_y[None, :] == t[:, None])
+        dist_private = 1.0 - sims.masked_fill(~same, -2.0).max(1).values
+        out = {"eval_rank": rank.numpy(), "success_top1": (rank <= 1).numpy(),
+               "success_top5": (rank <= self.k).numpy(),
+               "eval_conf": F.softmax(logits, 1).gather(1, et[:, None])[:, 0].numpy(),
+               "dist_private": dist_private.numpy()}
+        if variant in self.anchor_feats:
+            out["dist_anchor"] = (1.0 - (feats * self.anchor_feats[variant][t]).sum(1)).numpy()
+        else:
+            out["dist_anchor"] = np.full(t.numel(), np.nan)
+        return out
+
+    def anchor_floor(self, variant: str) -> float:
+        """alpha = 0 floor: how often R_E puts an anchor's own class in its top-k (the
+        attack's success if it found the anchor exactly)."""
+        logits = self.anchor_logits[variant]
+        et = self.p2e[: logits.shape[0]]
+        rank = (logits > logits.gather(1, et[:, None])).sum(1) + 1
+        return float((rank <= self.k).float().mean())
+
+
+def bootstrap_ci(per_target: np.ndarray, n_boot: int = 1000, seed: int = 0, level: float = 0.95) -> tuple[float, float]:
+    """Percentile bootstrap CI of the mean over targets (targets resampled)."""
+    v = np.asarray(per_target, dtype=float)
+    if v.size == 0:
+        return float("nan"), float("nan")
+    rng = np.random.default_rng(seed)
+    means = v[rng.integers(0, v.size, (n_boot, v.size))].mean(1)
+    lo, hi = np.quantile(means, [(1 - level) / 2, 1 - (1 - level) / 2])
+    return float(lo), float(hi)
+
+
+@torch.no_grad()
+def accuracy_by_alpha(combined, test: Split, alphas: Sequence[float], device) -> dict[float, float]:
+    """Accuracy of R' on ``test`` for every alpha from one forward pass of each branch."""
+    p_t, p_d = [], []
+    for i in range(0, len(test), 512):
+        a, b = combined.branch_probs(test.x[i:i + 512].to(device))
+        p_t.append(a.cpu()); p_d.append(b.cpu())
+    p_t, p_d = torch.cat(p_t), torch.cat(p_d)
+    return {float(a): float((combined.mix(p_t, p_d, float(a)).argmax(1) == test.y).float().mean()) for a in alphas}
+
+
+def summarize(trials: pd.DataFrame, accuracy: pd.DataFrame, n_boot: int = 1000, seed: int = 0) -> pd.DataFrame:
+    """One row per (variant, alpha): per-trial success (top-5, top-1) with a bootstrap CI
+    over targets, best-of-restarts success per target, distances, and R' accuracy."""
+    rows = []
+    for (variant, alpha), g in trials.groupby(["variant", "alpha"], sort=False):
+        per_target = g.groupby("target")["success_top5"].mean().to_numpy()
+        best = g.groupby("target")["success_top5"].max().to_numpy()
+        lo, hi = bootstrap_ci(per_target, n_boot, seed)
+        blo, bhi = bootstrap_ci(best, n_boot, seed)
+        rows.append({"variant": variant, "alpha": float(alpha), "n_trials": len(g), "n_targets": len(per_target),
+                     "mia_success_top5": float(g["success_top5"].mean()), "ci_low": lo, "ci_high": hi,
+                     "mia_success_top1": float(g["success_top1"].mean()),
+                     "mia_best_restart_top5": float(best.mean()), "best_ci_low": blo, "best_ci_high": bhi,
+                     "dist_private": float(g["dist_private"].mean()), "dist_anchor": float(g["dist_anchor"].mean())})
+    out = pd.DataFrame(rows)
+    out = out.merge(accuracy, on=["variant", "alpha"], how="left")
+    return out.sort_values(["variant", "alpha"], ascending=[True, False]).reset_index(drop=True)
+
+
+def recommend(summary: pd.DataFrame, acc_target: float, tolerance: float) -> dict:
+    """Per variant: the alpha with the lowest per-trial MIA success among those whose
+    accuracy stays >= accuracy(R_T) - tolerance (ties: the larger alpha)."""
+    rec = {}
+    for variant, g in summary.groupby("variant"):
+        ok = g[g["accuracy"] >= acc_target - tolerance - 1e-9]
+        if ok.empty:
+            rec[variant] = {"alpha": None, "reason": f"no alpha keeps accuracy >= {acc_target - tolerance:.3f}"}
+            continue
+        best = ok.sort_values(["mia_success_top5", "alpha"], ascending=[True, False]).iloc[0]
+        rec[variant] = {k: (float(v) if isinstance(v, (np.floating, float, int, np.integer)) else v)
+                        for k, v in best.items()}
+    return rec

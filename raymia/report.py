@@ -1,0 +1,95 @@
+"""Report: the papers' reference numbers and figures like theirs (matplotlib, Agg)."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+import torch  # noqa: E402
+
+#: Kotsuji & Nakamura (VISAPP 2025), §5.2 / Fig. 5 (VGGFace2, 27 targets x 3 trials)
+PAPER_DUMMY = {"rt_accuracy": 0.958, "mia_success_alpha1": 0.80, "alpha_recommended": 0.25,
+               "mia_success_at_recommended": 0.27, "accuracy_at_recommended": 0.95}
+
+VARIANT_STYLE = {"paper": ("tab:red", "o"), "calibrated": ("tab:blue", "s")}
+
+
+def alpha_sweep_plot(summary: pd.DataFrame, path, acc_target: float, chance_top5: float,
+                     title: str = "") -> Path:
+    """Fig. 5 of the dummy-model paper: MIA success (top-5, 95% CI over targets) and
+    recognition accuracy of R' against alpha, one pair of curves per variant."""
+    fig, ax = plt.subplots(figsize=(7.5, 4.6))
+    for variant, g in summary.groupby("variant"):
+        g = g.sort_values("alpha")
+        color, marker = VARIANT_STYLE.get(variant, ("tab:gray", "^"))
+        ax.plot(g["alpha"], g["mia_success_top5"], color=color, marker=marker, ms=4,
+                label=f"MIA success, {variant}")
+        ax.fill_between(g["alpha"], g["ci_low"], g["ci_high"], color=color, alpha=0.15)
+        ax.plot(g["alpha"], g["accuracy"], color=color, ls="--", label=f"accuracy of R', {variant}")
+    ax.axhline(acc_target, color="k", lw=0.8, ls=":", label=f"R_T alone ({acc_target:.1%})")
+    ax.axhline(chance_top5, color="gray", lw=0.8, ls="-.", label=f"top-5 chance ({chance_top5:.1%})")
+    p = PAPER_DUMMY
+    ax.scatter([1.0, p["alpha_recommended"]], [p["mia_success_alpha1"], p["mia_success_at_recommended"]],
+               marker="*", s=120, color="goldenrod", zorder=5, label="paper: MIA 80% @1, ≤27% @0.25")
+    ax.set_xlabel("α (weight of R_T)")
+    ax.set_ylabel("rate")
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_xlim(-0.02, 1.02)
+    ax.grid(alpha=0.3)
+    ax.set_title(title or "MIA success (top-5 of R_E) and accuracy of R' = αR_T + (1−α)R_dmy")
+    ax.legend(fontsize=7, loc="center right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
+    return Path(path)
+
+
+def _show(ax, img: torch.Tensor) -> None:
+    a = img.detach().cpu().float().clamp(0, 1).numpy()
+    if a.shape[0] == 1:
+        ax.imshow(a[0], cmap="gray", vmin=0, vmax=1)
+    else:
+        ax.imshow(a.transpose(1, 2, 0))
+    ax.set_xticks([]); ax.set_yticks([])
+
+
+def mia_grid(path, targets: list, real: dict, anchors: dict, recon: dict, alphas: list,
+             variants: list, labels: Optional[dict] = None) -> Path:
+    """Fig. 6 of the dummy-model paper: per target a real training image, the synthetic
+    anchor and reconstructions at each alpha; one block of columns per variant.
+    ``anchors[variant][t]``, ``recon[(variant, alpha, t)]``."""
+    cols = 1 + len(variants) * (1 + len(alphas))
+    fig, axes = plt.subplots(len(targets), cols, figsize=(cols * 0.95, len(targets) * 1.0 + 0.6), squeeze=False)
+    for r, t in enumerate(targets):
+        _show(axes[r, 0], real[t])
+        axes[r, 0].set_ylabel((labels or {}).get(t, f"ID {t}"), fontsize=7)
+        c = 1
+        for v in variants:
+            _show(axes[r, c], anchors[v][t]); c += 1
+            for a in alphas:
+                img = recon.get((v, a, t))
+                if img is not None:
+                    _show(axes[r, c], img)
+                else:
+                    axes[r, c].axis("off")
+                c += 1
+    heads = ["real"] + [h for v in variants for h in [f"anchor\n({v})"] + [f"α={a:g}\n{v}" for a in alphas]]
+    for c, h in enumerate(heads):
+        axes[0, c].set_title(h, fontsize=6)
+    fig.tight_layout(pad=0.2)
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
+    return Path(path)
+
+
+def markdown_table(df: pd.DataFrame, floatfmt: str = ".3f") -> str:
+    cols = list(df.columns)
+    fmt = lambda v: (format(v, floatfmt) if isinstance(v, (float, np.floating)) else str(v))
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join(fmt(v) for v in row) + " |" for row in df.itertuples(index=False)]
+    return "\n".join(lines)
