@@ -44,15 +44,15 @@ the arithmetic is float32; results are returned as float64.
 """
 from __future__ import annotations
 
-import io
+import hashlib
 import json
 import math
 import numbers
+import struct
 import threading
-import zipfile
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from functools import lru_cache
-from typing import Any, Dict, Hashable, Iterable, List, Optional, Tuple, Union
+from typing import Any, Dict, Hashable, Iterable, List, Optional, Tuple
 
 import numpy as np
 
@@ -208,16 +208,16 @@ class SSIMStack:
     @classmethod
     def _prepare(cls, block: np.ndarray, shape: Tuple[int, int], dr: float) -> "SSIMStack":
         """``block[0]`` holds float32 images (n, P); fills block[1:4] with the statistics."""
-        img, m1, m1sq, v48 = block
+        img = block[0]
         n, p = img.shape
         planes = _arena("prep_planes", 2 * n * p)[: 2 * n * p].reshape(2 * n, p)
         np.divide(img, 7.0, out=planes[:n])
         np.square(img, out=planes[n:])
-        sums = _arena("prep_sums", 2 * n * p)[: 2 * n * p].reshape(2 * n, p)
-        _box7(planes, sums, shape[1])
-        np.copyto(m1, sums[:n])
+        # window sums land in block[1] (sum x / 7) and block[2] (sum x^2)
+        _box7(planes, block[1:3].reshape(2 * n, p), shape[1])
+        m1, v48, m1sq = block[1], block[2], block[3]
         np.square(m1, out=m1sq)
-        np.subtract(sums[n:], m1sq, out=v48)
+        np.subtract(v48, m1sq, out=v48)
         return cls(shape, dr, img, m1, m1sq, v48)
 
     def __len__(self) -> int:
@@ -291,15 +291,28 @@ def ssim_batch(query: Any, buffer: Any, *, data_range: float) -> np.ndarray:
     return out
 
 
+@lru_cache(maxsize=64)
+def _query_consts(h: int, w: int, dr: float) -> Tuple[np.ndarray, np.ndarray]:
+    """49*C1 and 48*C2 per pixel, +inf where the 7x7 window leaves the image.
+
+    The +inf makes both SSIM terms exactly 0 at those positions, so they drop
+    out of the row sums without a separate masking pass.
+    """
+    gar = _garbage_inf(h, w)
+    c1 = (gar + np.float32(_NP * (_K1 * dr) ** 2)).astype(np.float32)
+    c2 = (gar + np.float32((_NP - 1) * (_K2 * dr) ** 2)).astype(np.float32)
+    c1.flags.writeable = False
+    c2.flags.writeable = False
+    return c1, c2
+
+
 def _ssim_prepared(q: np.ndarray, st: SSIMStack, dr: float) -> np.ndarray:
     n = len(st)
     if n == 0:
         return np.empty(0, np.float64)
     h, w = st.shape
     p = h * w
-    c1 = np.float32(_NP * (_K1 * dr) ** 2)          # 49 * C1 (units of m1^2)
-    c2 = np.float32((_NP - 1) * (_K2 * dr) ** 2)    # 48 * C2 (units of v48)
-    gar = _garbage_inf(h, w)
+    c1g, c2g = _query_consts(h, w, dr)
     k = (n + 2) * p
     # planes: (q - b_i)^2 for every i, then q/7 and q^2
     planes = _arena("q_planes", k)[:k].reshape(n + 2, p)
@@ -315,22 +328,545 @@ def _ssim_prepared(q: np.ndarray, st: SSIMStack, dr: float) -> np.ndarray:
     wd = sums[:n]                        # window sums of (q - b)^2
     m1q = sums[n]
     tq = np.square(m1q)
-    kq = np.add(tq, c1)
-    kq += gar                            # +inf outside the valid region -> a = 0 there
+    kq = np.add(tq, c1g)                 # m1q^2 + 49*C1
     kv = np.subtract(sums[n + 1], tq)
-    kv += c2
-    kv += gar                            # -> b = 0 there
+    kv += c2g                            # 48*var_q + 48*C2
     u2 = np.subtract(m1q, st.m1, out=planes[:n])
     np.square(u2, out=u2)                # (window sum of q - b)^2 / 49
-    a = _arena("q_a", n * p)[: n * p].reshape(n, p)
+    ab = _arena("q_ab", 2 * n * p)[: 2 * n * p].reshape(2 * n, p)
+    a, bb = ab[:n], ab[n:]
     np.add(st.m1sq, kq, out=a)
-    np.divide(u2, a, out=a)              # luminance term a
-    bb = _arena("q_b", n * p)[: n * p].reshape(n, p)
+    np.divide(u2, a, out=a)              # luminance term a = (mu_q-mu_b)^2 / (mu_q^2+mu_b^2+C1)
     np.add(st.v48, kv, out=bb)
     np.subtract(wd, u2, out=wd)          # 48 * var(q - b)
-    np.divide(wd, bb, out=bb)            # contrast-structure term b
-    np.multiply(a, bb, out=wd)
-    a += bb
-    a -= wd                              # 1 - S = a + b - a*b  (0 outside the valid region)
-    one_minus = a.sum(axis=1, dtype=np.float32).astype(np.float64)
+    np.divide(wd, bb, out=bb)            # b = var(q-b) / (var_q + var_b + C2)
+    # mean of 1 - S = a + b - a*b over the valid region (a = b = 0 elsewhere)
+    s_ab = np.einsum("ij->i", ab).astype(np.float64)
+    s_prod = np.einsum("ij,ij->i", a, bb).astype(np.float64)
+    one_minus = s_ab[:n] + s_ab[n:] - s_prod
     return 1.0 - one_minus / ((h - SSIM_WIN + 1) * (w - SSIM_WIN + 1))
+
+
+# --------------------------------------------------------------------------
+# The simple hash: mean intensity after downsampling
+# --------------------------------------------------------------------------
+
+@lru_cache(maxsize=64)
+def _pool_matrix(n: int, size: int) -> np.ndarray:
+    """(size, n) adaptive-average-pooling weights: output bin ``i`` averages input
+    positions ``floor(i*n/size) .. ceil((i+1)*n/size) - 1`` (bins overlap by at most one
+    position when ``size`` does not divide ``n``; plain block means when it does)."""
+    m = np.zeros((size, n), np.float64)
+    for i in range(size):
+        a = (i * n) // size
+        b = -((-(i + 1) * n) // size)
+        m[i, a:b] = 1.0 / (b - a)
+    m.flags.writeable = False
+    return m
+
+
+@lru_cache(maxsize=64)
+def _hash_weights(n: int, size: int) -> np.ndarray:
+    """Per-position weight of the mean of the pooled axis: ``mean_i(pool[i]) . x``."""
+    w = _pool_matrix(n, size).mean(axis=0)
+    w.flags.writeable = False
+    return w
+
+
+def downsample(img: Any, size: int) -> np.ndarray:
+    """Adaptive average pooling of the last two axes to ``size x size`` (float64)."""
+    a = _real_array(img, "img").astype(np.float64, copy=False)
+    if a.ndim < 2:
+        raise ValueError(f"img must have at least 2 dimensions, got shape {a.shape}")
+    if isinstance(size, bool) or not isinstance(size, numbers.Integral) or size < 1:
+        raise ValueError(f"size must be a positive integer, got {size!r}")
+    ph, pw = _pool_matrix(a.shape[-2], int(size)), _pool_matrix(a.shape[-1], int(size))
+    return ph @ a @ pw.T
+
+
+def mean_hash(img: Any, size: int) -> float:
+    """The paper's "simple hash": mean pixel intensity of the image downsampled to
+    ``size x size`` (all channels).  Equal to ``downsample(img, size).mean()`` but
+    computed as one weighted sum.  When ``size`` divides the image sides the value is
+    the plain mean intensity; otherwise border-adjacent rows/columns weigh a little
+    differently."""
+    a = _real_array(img, "img")
+    if a.ndim < 2:
+        raise ValueError(f"img must have at least 2 dimensions, got shape {a.shape}")
+    if isinstance(size, bool) or not isinstance(size, numbers.Integral) or size < 1:
+        raise ValueError(f"size must be a positive integer, got {size!r}")
+    wh, ww = _hash_weights(a.shape[-2], int(size)), _hash_weights(a.shape[-1], int(size))
+    a2 = a.reshape(-1, a.shape[-2], a.shape[-1])
+    return float(np.einsum("h,chw,w->", wh, a2, ww, dtype=np.float64, casting="unsafe") / a2.shape[0])
+
+
+# --------------------------------------------------------------------------
+# Filter configuration (Table 1)
+# --------------------------------------------------------------------------
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
+def _is_real(v: Any) -> bool:
+    return isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(float(v))
+
+
+@dataclass(frozen=True)
+class FilterParams:
+    """Configuration of the similarity filter.
+
+    n_b        buffer size N_B (last queries kept per client)
+    t_ssim     a buffered image matches when SSIM > t_ssim ...
+    t_hash     ... and |hash - hash'| < t_hash (hash in units of ``data_range``)
+    l_sp       limit L_sp: the client is UNSAFE (blocked for good) once count >= l_sp
+    hash_size  side of the downsampled image the hash averages
+    data_range images lie in [0, data_range]; SSIM's L
+    max_side   largest accepted image side (bounds per-client memory)
+    max_channels  largest accepted channel count
+    """
+    n_b: int = 10
+    t_ssim: float = 0.999
+    t_hash: float = 0.001
+    l_sp: int = 4
+    hash_size: int = 8
+    data_range: float = 1.0
+    max_side: int = 1024
+    max_channels: int = 4
+
+    def __post_init__(self):
+        bad = []
+        for name in ("n_b", "l_sp", "hash_size", "max_side", "max_channels"):
+            v = getattr(self, name)
+            if not _is_int(v) or v < 1:
+                bad.append(f"{name} must be an integer >= 1, got {v!r}")
+        if not _is_real(self.t_ssim) or not -1.0 <= float(self.t_ssim) <= 1.0:
+            bad.append(f"t_ssim must be a number in [-1, 1], got {self.t_ssim!r}")
+        if not _is_real(self.t_hash) or float(self.t_hash) < 0:
+            bad.append(f"t_hash must be a finite number >= 0, got {self.t_hash!r}")
+        if not _is_real(self.data_range) or float(self.data_range) <= 0:
+            bad.append(f"data_range must be a finite number > 0, got {self.data_range!r}")
+        if _is_int(self.max_side) and self.max_side < SSIM_WIN:
+            bad.append(f"max_side must be >= {SSIM_WIN} (the SSIM window), got {self.max_side}")
+        if bad:
+            raise ValueError("invalid filter parameters: " + "; ".join(bad))
+        for name in ("n_b", "l_sp", "hash_size", "max_side", "max_channels"):
+            object.__setattr__(self, name, int(getattr(self, name)))
+        for name in ("t_ssim", "t_hash", "data_range"):
+            object.__setattr__(self, name, float(getattr(self, name)))
+
+    @classmethod
+    def paper(cls, k: int, setting: str = "mnist", **overrides) -> "FilterParams":
+        """Configuration ``k`` (1-based) of the paper's Table 1.  ``setting`` picks the
+        L_sp row: ``mnist`` (4) or ``celeba``/``faces`` (8)."""
+        if not _is_int(k) or not 1 <= k <= len(PAPER_TABLE1):
+            raise ValueError(f"paper configuration must be 1..{len(PAPER_TABLE1)}, got {k!r}")
+        key = {"faces": "celeba"}.get(setting, setting)
+        row = PAPER_TABLE1[k - 1]
+        if key not in row["l_sp"]:
+            raise ValueError(f"setting must be one of mnist, celeba, faces; got {setting!r}")
+        kw = {"n_b": row["n_b"], "t_ssim": row["t_ssim"], "t_hash": row["t_hash"], "l_sp": row["l_sp"][key]}
+        kw.update(overrides)
+        return cls(**kw)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def label(self) -> str:
+        return f"N_B={self.n_b} T_ssim={self.t_ssim:g} T_hash={self.t_hash:g} L_sp={self.l_sp}"
+
+
+#: Table 1 of Raha et al.: N_B, T_ssim, T_hash per configuration; L_sp per data set.
+PAPER_TABLE1: List[dict] = [
+    {"config": 1, "n_b": 10, "t_ssim": 0.99990, "t_hash": 0.00010, "l_sp": {"mnist": 4, "celeba": 8}},
+    {"config": 2, "n_b": 10, "t_ssim": 0.99999, "t_hash": 0.00001, "l_sp": {"mnist": 4, "celeba": 8}},
+    {"config": 3, "n_b": 10, "t_ssim": 0.99900, "t_hash": 0.00100, "l_sp": {"mnist": 4, "celeba": 8}},
+]
+
+
+@dataclass(frozen=True)
+class FilterResult:
+    """Outcome of one :meth:`ClientFilterState.check`.
+
+    safe     True: the query may go to the model; False: refused (client blocked)
+    matches  buffered images that matched this query (0 when already blocked)
+    count    the client's suspicious counter after this query (capped at L_sp, as
+             Algorithm 2 returns as soon as the limit is reached)
+    blocked  the client is blocked (now and for good)
+    """
+    safe: bool
+    matches: int
+    count: int
+    blocked: bool
+
+
+# --------------------------------------------------------------------------
+# Validation shared by the per-client and the global filter
+# --------------------------------------------------------------------------
+
+def _validate_query(img: Any, p: FilterParams, shape: Optional[Tuple[int, int, int]]) -> np.ndarray:
+    """The query as a new float32 (C, H, W) array, or :class:`FilterInputError`."""
+    if not isinstance(img, np.ndarray):
+        raise FilterInputError(f"query must be a numpy array, got {type(img).__name__}")
+    if img.dtype.kind != "f":
+        raise FilterInputError(f"query must be a float array with values in [0, {p.data_range:g}], "
+                               f"got dtype {img.dtype}")
+    if img.ndim == 2:
+        chw = (1,) + img.shape
+    elif img.ndim == 3:
+        chw = img.shape
+    else:
+        raise FilterInputError(f"query must have shape (H, W) or (C, H, W), got {img.shape}")
+    c, h, w = chw
+    if not 1 <= c <= p.max_channels:
+        raise FilterInputError(f"query has {c} channels; expected 1..{p.max_channels} as (C, H, W)")
+    if not (SSIM_WIN <= h <= p.max_side and SSIM_WIN <= w <= p.max_side):
+        raise FilterInputError(f"query is {h}x{w}; each side must lie in [{SSIM_WIN}, {p.max_side}]")
+    if shape is not None and tuple(chw) != tuple(shape):
+        raise FilterInputError(f"query shape {tuple(chw)} (as C,H,W) differs from this client's "
+                               f"earlier queries {tuple(shape)}")
+    if not np.isfinite(img).all():
+        raise FilterInputError("query contains NaN or inf")
+    lo, hi = float(img.min()), float(img.max())
+    if lo < 0.0 or hi > p.data_range:
+        raise FilterInputError(f"query values must lie in [0, {p.data_range:g}], got [{lo:.4g}, {hi:.4g}]")
+    return np.array(img, dtype=np.float32, copy=True).reshape(chw)
+
+
+def _query_hash(q: np.ndarray, p: FilterParams) -> float:
+    return mean_hash(q, p.hash_size)
+
+
+class _RingStack:
+    """Fixed-capacity ring of (C, H, W) images with their SSIM statistics, per channel."""
+
+    def __init__(self, capacity: int, shape: Tuple[int, int, int], data_range: float):
+        c, h, w = shape
+        self.shape, self.cap, self.c, self.dr = shape, capacity, c, data_range
+        block = np.zeros((4, capacity * c, h * w), np.float32)
+        self.stack = SSIMStack((h, w), data_range, block[0], block[1], block[2], block[3])
+        self.hashes = np.zeros(capacity, np.float64)
+        self.start = 0
+        self.size = 0
+
+    def order(self) -> np.ndarray:
+        """Slots oldest first."""
+        return (self.start + np.arange(self.size)) % self.cap
+
+    def push(self, q: np.ndarray, h: float) -> int:
+        """Enqueue (evicting the oldest when full); returns the slot written."""
+        if self.size < self.cap:
+            slot = (self.start + self.size) % self.cap
+            self.size += 1
+        else:
+            slot = self.start
+            self.start = (self.start + 1) % self.cap
+        prep = SSIMStack.from_images(q, data_range=self.dr)       # (C, P) rows
+        rows = slice(slot * self.c, (slot + 1) * self.c)
+        st = self.stack
+        st.img[rows], st.m1[rows], st.m1sq[rows], st.v48[rows] = prep.img, prep.m1, prep.m1sq, prep.v48
+        self.hashes[slot] = h
+        return slot
+
+    def ssim(self, q: np.ndarray, slots: np.ndarray) -> np.ndarray:
+        """Mean-over-channels SSIM of ``q`` (C, H, W) against the images in ``slots``."""
+        out = np.zeros(len(slots), np.float64)
+        for ch in range(self.c):
+            rows = slots * self.c + ch
+            out += _ssim_prepared(q[ch], self.stack.take(rows), self.dr)
+        return out / self.c
+
+    def images(self) -> np.ndarray:
+        """Buffered images oldest first, (n, C, H, W) float32 (a copy)."""
+        c, h, w = self.shape
+        rows = (self.order()[:, None] * c + np.arange(c)).reshape(-1)
+        return self.stack.img[rows].reshape(-1, c, h, w)
+
+
+# --------------------------------------------------------------------------
+# One client session: Algorithm 2
+# --------------------------------------------------------------------------
+
+_MAGIC = b"RMIAFLT\x01"
+_DIGEST = 16
+_MAX_HEADER = 1 << 16
+
+
+class ClientFilterState:
+    """Filter state of one client session (Algorithm 1's buffer B and counter).
+
+    :meth:`check` runs Algorithm 2 on a query: if the counter has reached L_sp the
+    query is UNSAFE; otherwise every buffered image whose hash differs by less than
+    T_hash and whose SSIM exceeds T_ssim adds one to the counter, returning UNSAFE as
+    soon as it reaches L_sp; a query found SAFE is enqueued (FIFO, N_B images).  A
+    blocked client stays blocked and its buffer no longer changes.
+    """
+
+    def __init__(self, params: FilterParams):
+        if not isinstance(params, FilterParams):
+            raise TypeError(f"params must be FilterParams, got {type(params).__name__}")
+        self.params = params
+        self.count = 0
+        self.n_queries = 0
+        self._ring: Optional[_RingStack] = None
+
+    # -- state
+    @property
+    def blocked(self) -> bool:
+        return self.count >= self.params.l_sp
+
+    @property
+    def shape(self) -> Optional[Tuple[int, int, int]]:
+        """(C, H, W) of this client's queries, fixed by its first query."""
+        return None if self._ring is None else self._ring.shape
+
+    def __len__(self) -> int:
+        """Images in the buffer."""
+        return 0 if self._ring is None else self._ring.size
+
+    def buffer_images(self) -> np.ndarray:
+        """The buffer oldest first, (n, C, H, W) float32 (a copy)."""
+        if self._ring is None:
+            return np.zeros((0, 1, 1, 1), np.float32)
+        return self._ring.images()
+
+    # -- Algorithm 2
+    def check(self, img: Any) -> FilterResult:
+        """Validate ``img`` (float (H, W) or (C, H, W) in [0, data_range]) and run
+        Algorithm 2.  Raises :class:`FilterInputError` -- leaving the state exactly as
+        it was -- for anything else."""
+        p = self.params
+        q = _validate_query(img, p, self.shape)
+        self.n_queries += 1
+        if self.count >= p.l_sp:
+            return FilterResult(False, 0, self.count, True)
+        h = _query_hash(q, p)
+        matches = 0
+        ring = self._ring
+        if ring is not None and ring.size:
+            slots = ring.order()
+            near = slots[np.abs(ring.hashes[slots] - h) < p.t_hash]     # cheap test first
+            if near.size:
+                matches = int(np.count_nonzero(ring.ssim(q, near) > p.t_ssim))
+        if matches:
+            self.count = min(self.count + matches, p.l_sp)
+            if self.count >= p.l_sp:
+                return FilterResult(False, matches, self.count, True)
+        if ring is None:
+            ring = self._ring = _RingStack(p.n_b, q.shape, p.data_range)
+        ring.push(q, h)
+        return FilterResult(True, matches, self.count, False)
+
+    # -- persistence
+    def to_bytes(self) -> bytes:
+        """Compact, self-checking serialisation (magic, JSON header, float32 buffer
+        oldest first, blake2b digest).  ``from_bytes(to_bytes())`` restores an
+        identical state, and ``to_bytes`` of that state gives the same bytes."""
+        header = {
+            "params": self.params.to_dict(),
+            "count": self.count,
+            "n_queries": self.n_queries,
+            "shape": None if self._ring is None else list(self._ring.shape),
+            "len": len(self),
+        }
+        hb = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
+        body = _MAGIC + struct.pack("<I", len(hb)) + hb
+        if len(self):
+            body += np.ascontiguousarray(self._ring.images(), dtype="<f4").tobytes()
+        return body + hashlib.blake2b(body, digest_size=_DIGEST).digest()
+
+    @classmethod
+    def from_bytes(cls, data: Any) -> "ClientFilterState":
+        """Inverse of :meth:`to_bytes`; anything else raises :class:`FilterInputError`."""
+        if not isinstance(data, (bytes, bytearray, memoryview)):
+            raise FilterInputError(f"filter state must be bytes, got {type(data).__name__}")
+        b = bytes(data)
+        fail = "not a raymia filter state"
+        if len(b) < len(_MAGIC) + 4 + _DIGEST or not b.startswith(_MAGIC):
+            raise FilterInputError(f"{fail} (bad magic or too short)")
+        body, digest = b[:-_DIGEST], b[-_DIGEST:]
+        if hashlib.blake2b(body, digest_size=_DIGEST).digest() != digest:
+            raise FilterInputError(f"{fail} (checksum mismatch: truncated or modified)")
+        (hlen,) = struct.unpack_from("<I", body, len(_MAGIC))
+        off = len(_MAGIC) + 4
+        if hlen > _MAX_HEADER or off + hlen > len(body):
+            raise FilterInputError(f"{fail} (bad header length)")
+        try:
+            header = json.loads(body[off:off + hlen].decode())
+        except (UnicodeDecodeError, ValueError):
+            raise FilterInputError(f"{fail} (header is not JSON)") from None
+        expect = {"params", "count", "n_queries", "shape", "len"}
+        if not isinstance(header, dict) or set(header) != expect:
+            raise FilterInputError(f"{fail} (header keys)")
+        pd_ = header["params"]
+        names = {f.name for f in fields(FilterParams)}
+        if not isinstance(pd_, dict) or set(pd_) != names:
+            raise FilterInputError(f"{fail} (parameter keys)")
+        try:
+            params = FilterParams(**pd_)
+        except ValueError as e:
+            raise FilterInputError(f"{fail} ({e})") from None
+        count, nq, n, shape = header["count"], header["n_queries"], header["len"], header["shape"]
+        if not (_is_int(count) and 0 <= count <= params.l_sp and _is_int(nq) and nq >= 0
+                and _is_int(n) and 0 <= n <= min(params.n_b, nq)):
+            raise FilterInputError(f"{fail} (counter, query count or buffer length out of range)")
+        raw = body[off + hlen:]
+        st = cls(params)
+        st.count, st.n_queries = count, nq
+        if shape is None:
+            if n or raw:
+                raise FilterInputError(f"{fail} (buffer without a shape)")
+            return st
+        if not (isinstance(shape, list) and len(shape) == 3 and all(_is_int(v) for v in shape)):
+            raise FilterInputError(f"{fail} (bad shape)")
+        c, h, w = shape
+        if not (1 <= c <= params.max_channels and SSIM_WIN <= h <= params.max_side
+                and SSIM_WIN <= w <= params.max_side):
+            raise FilterInputError(f"{fail} (shape {shape} outside the parameters' limits)")
+        if len(raw) != n * c * h * w * 4:
+            raise FilterInputError(f"{fail} (buffer size does not match the header)")
+        imgs = np.frombuffer(raw, dtype="<f4").reshape(n, c, h, w).astype(np.float32)
+        if not np.isfinite(imgs).all() or (n and (imgs.min() < 0 or imgs.max() > params.data_range)):
+            raise FilterInputError(f"{fail} (buffered images are not finite or outside [0, data_range])")
+        st._ring = _RingStack(params.n_b, (c, h, w), params.data_range)
+        for im in imgs:
+            st._ring.push(im, _query_hash(im, params))
+        return st
+
+    def __repr__(self) -> str:
+        return (f"ClientFilterState({self.params.label()}, count={self.count}, "
+                f"buffer={len(self)}, queries={self.n_queries}, blocked={self.blocked})")
+
+
+# --------------------------------------------------------------------------
+# Cross-client check (beyond the paper)
+# --------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class GlobalResult:
+    """Outcome of one :meth:`GlobalIndex.check`.
+
+    safe     False when the client's group is blocked
+    matches  recent queries of *other* clients that matched this query
+    count    suspicious counter of the client's group after this query
+    blocked  the client's group is blocked
+    group    number of client ids linked into this client's group
+    """
+    safe: bool
+    matches: int
+    count: int
+    blocked: bool
+    group: int
+
+
+class GlobalIndex:
+    """Cross-client similarity check against an attacker who spreads near-identical
+    queries over several client ids (Sybil / collusion).  Not part of the paper.
+
+    Keeps the last ``size`` queries of all clients in a hash index (buckets of width
+    T_hash, so only queries whose hash can still match are looked at) and compares a
+    new query, with the per-client rule (SSIM > T_ssim and |hash diff| < T_hash), to
+    the recent queries of the *other* clients.  Each match links the two client ids
+    into one group (union-find) and adds one to the group's counter; at ``l_sp``
+    matches the whole group is blocked for good.  Repeats within one client are left
+    to :class:`ClientFilterState`.
+    """
+
+    def __init__(self, params: FilterParams, size: int = 1000, l_sp: Optional[int] = None):
+        if not isinstance(params, FilterParams):
+            raise TypeError(f"params must be FilterParams, got {type(params).__name__}")
+        if not _is_int(size) or size < 1:
+            raise ValueError(f"size must be an integer >= 1, got {size!r}")
+        if l_sp is not None and (not _is_int(l_sp) or l_sp < 1):
+            raise ValueError(f"l_sp must be an integer >= 1 or None, got {l_sp!r}")
+        self.params = params
+        self.size = int(size)
+        self.l_sp = int(l_sp) if l_sp is not None else params.l_sp
+        self._ring: Optional[_RingStack] = None
+        self._owner: List[Hashable] = [None] * self.size
+        self._bucket_of = np.zeros(self.size, np.int64)
+        self._buckets: Dict[int, set] = {}
+        self._parent: Dict[Hashable, Hashable] = {}
+        self._members: Dict[Hashable, int] = {}     # group root -> number of client ids
+        self._gcount: Dict[Hashable, int] = {}      # group root -> suspicious counter
+        self.n_queries = 0
+
+    def _find(self, c: Hashable) -> Hashable:
+        par = self._parent
+        if c not in par:
+            par[c] = c
+            self._members[c] = 1
+            self._gcount[c] = 0
+            return c
+        root = c
+        while par[root] != root:
+            root = par[root]
+        while par[c] != root:            # path compression
+            par[c], c = root, par[c]
+        return root
+
+    def _union(self, a: Hashable, b: Hashable) -> Hashable:
+        ra, rb = self._find(a), self._find(b)
+        if ra == rb:
+            return ra
+        if self._members[ra] < self._members[rb]:
+            ra, rb = rb, ra
+        self._parent[rb] = ra
+        self._members[ra] += self._members.pop(rb)
+        self._gcount[ra] += self._gcount.pop(rb)
+        return ra
+
+    def _bucket(self, h: float) -> int:
+        t = self.params.t_hash
+        return int(math.floor(h / t)) if t > 0 else 0
+
+    def blocked(self, client: Hashable) -> bool:
+        return self._gcount[self._find(client)] >= self.l_sp
+
+    def group_of(self, client: Hashable) -> int:
+        return self._members[self._find(client)]
+
+    def check(self, client: Hashable, img: Any) -> GlobalResult:
+        """Validate ``img`` like :meth:`ClientFilterState.check` and compare it with
+        the other clients' recent queries; the query is indexed when found safe."""
+        p = self.params
+        q = _validate_query(img, p, None if self._ring is None else self._ring.shape)
+        try:
+            hash(client)
+        except TypeError:
+            raise FilterInputError(f"client id must be hashable, got {type(client).__name__}") from None
+        self.n_queries += 1
+        root = self._find(client)
+        if self._gcount[root] >= self.l_sp:
+            return GlobalResult(False, 0, self._gcount[root], True, self._members[root])
+        h = _query_hash(q, p)
+        matches = 0
+        ring = self._ring
+        if ring is not None and ring.size and p.t_hash > 0:
+            b = self._bucket(h)
+            cand = [s for k in (b - 1, b, b + 1) for s in self._buckets.get(k, ())]
+            cand = np.asarray([s for s in cand if self._owner[s] != client
+                               and abs(ring.hashes[s] - h) < p.t_hash], np.int64)
+            if cand.size:
+                hit = cand[ring.ssim(q, cand) > p.t_ssim]
+                for s in hit.tolist():
+                    root = self._union(client, self._owner[s])
+                    self._gcount[root] += 1
+                    matches += 1
+                    if self._gcount[root] >= self.l_sp:
+                        return GlobalResult(False, matches, self._gcount[root], True, self._members[root])
+        if ring is None:
+            ring = self._ring = _RingStack(self.size, q.shape, p.data_range)
+        if ring.size == ring.cap:                    # evict the oldest from its bucket
+            old = ring.start
+            bs = self._buckets.get(int(self._bucket_of[old]))
+            if bs is not None:
+                bs.discard(old)
+                if not bs:
+                    del self._buckets[int(self._bucket_of[old])]
+        slot = ring.push(q, h)
+        self._owner[slot] = client
+        self._bucket_of[slot] = self._bucket(h)
+        self._buckets.setdefault(int(self._bucket_of[slot]), set()).add(slot)
+        root = self._find(client)
+        return GlobalResult(True, matches, self._gcount[root], False, self._members[root])
