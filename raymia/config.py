@@ -48,6 +48,11 @@ class DataCfg:
     celeba_target: str = "identity"   # identity | attr
     celeba_attrs: list = field(default_factory=lambda: ["Male", "Smiling"])
     split_seed: int = 0
+    eval_shared_ids: int = 0     # R_T identities R_E also knows (the first ones; targets); 0 = all
+    max_ids: int = 0             # imagefolder: read only the first N identity folders (sorted; 0 = all)
+    aux_name: str = ""           # attacker's auxiliary set from elsewhere: "" (default split) | celeba | imagefolder
+    aux_root: Optional[str] = None   # local path of that set (never downloaded)
+    aux_max: int = 0             # cap on auxiliary images read (0 = all)
 
 
 @dataclass
@@ -65,6 +70,7 @@ class ClassifierCfg:
     weight_decay: float = 5e-4
     augment: bool = True
     dropout: float = 0.0
+    stem: str = "cifar"          # faceresnet stem: cifar (3x3 s1) | imagenet (7x7 s2 + max-pool)
 
 
 @dataclass
@@ -105,6 +111,12 @@ class AttackCfg:
     batch_rows: int = 256        # (target, restart, alpha) rows per attack call
     fredrikson_iters: int = 200
     fredrikson_lr: float = 0.1
+    # fast path of the generator MIA (raymia.attacks.generator_mia.FastPath); defaults are
+    # the exact fp32 reference, safe on CPU.  GPU presets turn these on.
+    precision: str = "fp32"      # fp32 | bf16 (autocast; softmax/loss and the latent stay fp32)
+    channels_last: bool = False  # NHWC memory format for the frozen nets' convolutions
+    fold_bn: bool = False        # fold eval-mode BatchNorm into the preceding conv/linear (on a copy)
+    compile: str = "off"         # off | default | max-autotune-no-cudagraphs | max-autotune | reduce-overhead
 
 
 @dataclass
@@ -128,6 +140,68 @@ class ResourcesCfg:
 
 
 @dataclass
+class ServeCfg:
+    """The Ray Serve app (serve/): what it serves, the filter state, HTTP limits, batching."""
+    variant: str = "auto"          # R_dmy variant: auto (lowest MIA success in recommendation.json) | paper | calibrated
+    alpha: Optional[float] = None  # null = the alpha sweep's recommended alpha for the variant
+    recommendation: str = ""       # "" = <out_root>/<run.name>/alpha_sweep/recommendation.json
+    model: str = "combined"        # combined (R', defended) | target (R_T alone, undefended; for benchmarks)
+    use_filter: bool = True        # per-client similarity filter (section filter) in front of the model
+    shards: int = 2                # filter-state actors; clients are sharded by id
+    state_path: str = ""           # SQLite file of the filter states; "" = <out_root>/<run.name>/serve/filter_state.sqlite
+    max_body_bytes: int = 1048576  # larger request bodies get 413
+    top_k: int = 5                 # most confidences one reply carries (a request may ask for fewer)
+    labels_only: bool = False      # replies carry the label only, no confidences
+    api_keys_file: str = ""        # YAML/JSON {api_key: client_id}; "" = clients name themselves (X-Client-Id)
+    admin_token_env: str = "RAYMIA_ADMIN_TOKEN"   # env var with the admin token; unset = admin endpoints off
+    batch_size: int = 16           # @serve.batch max_batch_size
+    batch_wait_ms: float = 2.0     # @serve.batch batch_wait_timeout_s, in ms
+    replicas: int = 1
+    replica_cpus: float = 1.0
+    replica_gpus: float = 0.0
+    torch_threads: int = 1         # torch threads per replica (0 = leave as is)
+    max_ongoing_requests: int = 64 # per replica
+
+
+@dataclass
+class FilterCfg:
+    """The similarity filter (Raha et al.): its parameters (the fields of
+    :class:`raymia.defenses.filter.FilterParams`, used by Serve and as the single-config
+    default), the simulations of section 4.5 and the filter sweep job."""
+    # --- the filter (Algorithm 2); defaults = Table 1, configuration 3 (MNIST row)
+    n_b: int = 10                 # buffer size N_B
+    t_ssim: float = 0.999         # match when SSIM > T_ssim ...
+    t_hash: float = 0.001         # ... and |hash diff| < T_hash (images in [0, data_range])
+    l_sp: int = 4                 # blocked once the suspicious counter reaches L_sp
+    hash_size: int = 8            # simple hash: mean intensity after downsampling to this side
+    data_range: float = 1.0
+    # --- simulations (section 4.5)
+    paper_setting: str = "mnist"  # which L_sp row of Table 1 the paper configs use: mnist | celeba
+    noise_std: float = 1.0e-4     # attacker's Gaussian noise before every query (paper: unspecified)
+    max_iters: int = 3000         # an attack trial stops here if never blocked ("unlimited" in the paper)
+    labels: list = field(default_factory=list)   # R_T classes simulated; empty = all
+    trials_per_label: int = 3     # attack trials per label (paper: 3)
+    user_trials_per_label: int = 3   # regular-user trials per label (paper: 3)
+    user_queries: int = 100       # distinct images a regular user sends (fewer if the label has fewer)
+    user_pool: str = "all"        # images regular users draw from: all (train+test of the label) | test
+    success_conf: float = 0.9     # attack "reached the target": R_T confidence >= this before the block
+    # --- the sweep (jobs/filter_sweep.py)
+    paper_configs: list = field(default_factory=lambda: [1, 2, 3])   # Table 1 configs always included
+    grid_n_b: list = field(default_factory=lambda: [5, 10, 20])
+    grid_t_ssim: list = field(default_factory=lambda: [0.99, 0.999, 0.9999, 0.99999])
+    grid_t_hash: list = field(default_factory=lambda: [1.0e-4, 1.0e-3, 1.0e-2])
+    grid_l_sp: list = field(default_factory=list)   # empty = Table 1's L_sp for paper_setting
+    fpr_target: float = 0.05      # calibration: fewest iterations before detection with FPR <= this
+    # --- beyond the paper: adaptive noise, Sybil attacker, cross-client check
+    noise_grid: list = field(default_factory=lambda: [0.0, 3.0e-5, 1.0e-4, 3.0e-4, 1.0e-3, 3.0e-3, 1.0e-2])
+    extra_labels: int = 5         # labels (first N of `labels`) for these experiments, 1 trial each
+    sybil_k: list = field(default_factory=lambda: [1, 2, 4, 8])
+    global_size: int = 1000       # cross-client index: last queries of all clients kept
+    global_l_sp: int = 0          # cross-client matches before a linked group is blocked; 0 = l_sp
+    actors: int = 0               # simulation actors; 0 = one per CPU (or per GPU)
+
+
+@dataclass
 class Config:
     run: RunCfg = field(default_factory=RunCfg)
     data: DataCfg = field(default_factory=DataCfg)
@@ -139,6 +213,8 @@ class Config:
     attack: AttackCfg = field(default_factory=AttackCfg)
     sweep: SweepCfg = field(default_factory=SweepCfg)
     resources: ResourcesCfg = field(default_factory=ResourcesCfg)
+    serve: ServeCfg = field(default_factory=ServeCfg)
+    filter: FilterCfg = field(default_factory=FilterCfg)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -278,11 +354,15 @@ def validate(cfg: Config) -> None:
            f"data.image_size must be a power of two >= 8, got {d.image_size}")
     _check(d.private_ids >= 2, "data.private_ids must be >= 2")
     _check(d.train_per_id >= 1 and d.test_per_id >= 1, "data.train_per_id and data.test_per_id must be >= 1")
+    _check(0 <= d.eval_shared_ids <= d.private_ids, "data.eval_shared_ids must lie in [0, data.private_ids]")
+    _check(d.aux_name in ("", "celeba", "imagefolder"), f"data.aux_name must be '', celeba or imagefolder, got {d.aux_name!r}")
+    _check(d.max_ids >= 0 and d.aux_max >= 0, "data.max_ids and data.aux_max must be >= 0")
     for sec in ("target", "evaluator"):
         c: ClassifierCfg = getattr(cfg, sec)
         _check(c.arch in ("faceresnet", "smallcnn", "lenet5"), f"{sec}.arch must be faceresnet, smallcnn or lenet5")
         _check(c.loss in ("cosface", "ce"), f"{sec}.loss must be cosface or ce")
         _check(c.epochs >= 1 and c.batch_size >= 1 and c.lr > 0, f"{sec}: epochs, batch_size and lr must be positive")
+        _check(c.stem in ("cifar", "imagenet"), f"{sec}.stem must be cifar or imagenet, got {c.stem!r}")
     for sec in ("gan", "attacker_gan"):
         g: GanCfg = getattr(cfg, sec)
         _check(g.latent_dim >= 1 and g.iters >= 1 and g.batch_size >= 2, f"{sec}: latent_dim, iters >= 1, batch_size >= 2")
@@ -291,9 +371,64 @@ def validate(cfg: Config) -> None:
     _check(dm.sigma2 > 0 and dm.sigma_tilde2 > 0, "dummy.sigma2 and dummy.sigma_tilde2 must be > 0")
     _check(dm.m >= 1, "dummy.m must be >= 1")
     _check(cfg.attack.restarts >= 1 and cfg.attack.iters >= 1, "attack.restarts and attack.iters must be >= 1")
+    _check(cfg.attack.precision in ("fp32", "bf16"), f"attack.precision must be fp32 or bf16, got {cfg.attack.precision!r}")
+    _check(cfg.attack.compile in ("off", "default", "max-autotune-no-cudagraphs", "max-autotune", "reduce-overhead"),
+           "attack.compile must be off, default, max-autotune-no-cudagraphs, max-autotune or reduce-overhead, "
+           f"got {cfg.attack.compile!r}")
     for v in cfg.sweep.variants:
         _check(v in ("paper", "calibrated"), f"sweep.variants: unknown variant {v!r} (paper, calibrated)")
     alpha_grid(cfg.sweep)  # raises on a bad grid
+    _validate_serve(cfg.serve)
+    _validate_filter(cfg.filter)
+
+
+def _validate_serve(s: "ServeCfg") -> None:
+    _check(s.variant in ("auto", "paper", "calibrated"), f"serve.variant must be auto, paper or calibrated, got {s.variant!r}")
+    _check(s.alpha is None or 0.0 <= s.alpha <= 1.0, f"serve.alpha must lie in [0, 1] (or null), got {s.alpha!r}")
+    _check(s.model in ("combined", "target"), f"serve.model must be combined or target, got {s.model!r}")
+    _check(s.shards >= 1 and s.replicas >= 1, "serve.shards and serve.replicas must be >= 1")
+    _check(s.max_body_bytes >= 1024, "serve.max_body_bytes must be >= 1024")
+    _check(s.top_k >= 1 and s.batch_size >= 1, "serve.top_k and serve.batch_size must be >= 1")
+    _check(s.batch_wait_ms >= 0, "serve.batch_wait_ms must be >= 0")
+    _check(s.replica_cpus >= 0 and s.replica_gpus >= 0 and s.torch_threads >= 0,
+           "serve.replica_cpus, serve.replica_gpus and serve.torch_threads must be >= 0")
+    _check(s.max_ongoing_requests >= 1, "serve.max_ongoing_requests must be >= 1")
+    _check(s.admin_token_env.isidentifier(), f"serve.admin_token_env must be an environment variable name, "
+           f"got {s.admin_token_env!r}")
+
+
+def _validate_filter(f: "FilterCfg") -> None:
+    from .defenses.filter import FilterParams, PAPER_TABLE1
+    try:
+        FilterParams(n_b=f.n_b, t_ssim=f.t_ssim, t_hash=f.t_hash, l_sp=f.l_sp, hash_size=f.hash_size,
+                     data_range=f.data_range)
+    except ValueError as e:
+        raise ConfigError(f"filter: {e}") from None
+    _check(f.paper_setting in ("mnist", "celeba"), f"filter.paper_setting must be mnist or celeba, got {f.paper_setting!r}")
+    _check(f.max_iters >= 1 and f.trials_per_label >= 1 and f.user_trials_per_label >= 0,
+           "filter.max_iters and filter.trials_per_label must be >= 1, filter.user_trials_per_label >= 0")
+    _check(f.user_queries >= 2, "filter.user_queries must be >= 2 (one query alone can never match)")
+    _check(f.user_pool in ("all", "test"), f"filter.user_pool must be all or test, got {f.user_pool!r}")
+    _check(f.noise_std >= 0 and all(_num(v) and v >= 0 for v in f.noise_grid),
+           "filter.noise_std and filter.noise_grid values must be numbers >= 0")
+    _check(0.0 <= f.success_conf <= 1.0 and 0.0 <= f.fpr_target <= 1.0,
+           "filter.success_conf and filter.fpr_target must lie in [0, 1]")
+    _check(all(isinstance(k, int) and not isinstance(k, bool) and 1 <= k <= len(PAPER_TABLE1) for k in f.paper_configs),
+           f"filter.paper_configs must list Table 1 configurations 1..{len(PAPER_TABLE1)}, got {f.paper_configs!r}")
+    for name in ("labels", "grid_n_b", "grid_l_sp", "sybil_k"):
+        vals = getattr(f, name)
+        _check(all(isinstance(v, int) and not isinstance(v, bool) and v >= (0 if name == "labels" else 1) for v in vals),
+               f"filter.{name} must list integers >= {0 if name == 'labels' else 1}, got {vals!r}")
+    _check(all(_num(v) and -1 <= v <= 1 for v in f.grid_t_ssim), "filter.grid_t_ssim values must lie in [-1, 1]")
+    _check(all(_num(v) and v >= 0 for v in f.grid_t_hash), "filter.grid_t_hash values must be numbers >= 0")
+    _check(bool(f.paper_configs) or bool(f.grid_n_b and f.grid_t_ssim and f.grid_t_hash),
+           "filter: the sweep needs paper_configs or non-empty grid_n_b, grid_t_ssim and grid_t_hash")
+    _check(f.extra_labels >= 0 and f.global_size >= 1 and f.global_l_sp >= 0 and f.actors >= 0,
+           "filter.extra_labels, filter.global_l_sp and filter.actors must be >= 0, filter.global_size >= 1")
+
+
+def _num(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
 def alpha_grid(s: SweepCfg) -> list[float]:
