@@ -59,20 +59,17 @@ def render_grid(cfg, models, trials: pd.DataFrame, bundle, out: Path) -> Path:
                     list(cfg.sweep.variants), {t: bundle.class_names[t] for t in targets})
 
 
-def main():
-    p = cli.parser(__doc__.splitlines()[0])
-    p.add_argument("--out", default=None, help="output directory (default: <out_root>/<run.name>/alpha_sweep)")
-    args = p.parse_args()
-    cfg = cli.config_from_args(args)
+def run(cfg, out=None, address=None) -> Path:
+    """Run the whole α sweep for ``cfg`` (training what is missing); returns the output dir."""
     root = resolve_out_root(cfg)
-    out = Path(args.out).expanduser().resolve() if args.out else root / cfg.run.name / "alpha_sweep"
+    out = Path(out).expanduser().resolve() if out else root / cfg.run.name / "alpha_sweep"
     bundle = load_bundle(cfg.data)
     targets = resolve_targets(cfg, bundle.n_private)
     alphas = alpha_grid(cfg.sweep)
     write_run_record(out, cfg, {"targets": targets, "alphas": alphas})
 
-    train_base(cfg, args.address)
-    train_dummies(cfg, args.address)
+    train_base(cfg, address)
+    train_dummies(cfg, address)
 
     rows = plan_rows(cfg, bundle.n_private)
     chunks = plan_chunks(rows, cfg.attack.batch_rows)
@@ -84,7 +81,7 @@ def main():
           f"{done_rows} rows already done", flush=True)
     floors = {}
     if done_rows < len(rows):
-        init_ray(cfg, args.address)
+        init_ray(cfg, address)
         floors = run_alpha_sweep(cfg, out / "rows", bundle.n_private, len(rows), done_rows)
 
     trials = store.read_all()
@@ -138,6 +135,14 @@ def main():
                   f"[{r['ci_low']:.1%}, {r['ci_high']:.1%}], accuracy {r['accuracy']:.1%}; "
                   f"R_dmy top confidence on real faces {conf:.3f} (1/n = {info[v]['uniform_conf']:.3f})")
     print(f"[alpha_sweep] outputs: {out}")
+    return out
+
+
+def main():
+    p = cli.parser(__doc__.splitlines()[0])
+    p.add_argument("--out", default=None, help="output directory (default: <out_root>/<run.name>/alpha_sweep)")
+    args = p.parse_args()
+    run(cli.config_from_args(args), args.out, args.address)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,90 @@
+"""The α sweep job end to end on the smoke preset, through Ray Tune trials, attack workers
+and the evaluator actor: outputs, honesty checks, resume without duplicates, CLI errors."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from raymia.config import load_config
+from raymia.sweep import KEY, plan_rows
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "jobs"))
+
+
+@pytest.fixture(scope="module")
+def smoke_sweep(ray_session, tmp_path_factory):
+    import alpha_sweep
+    root = tmp_path_factory.mktemp("sweep")
+    cfg = load_config("smoke", [f"run.out_root={root}"])
+    out = alpha_sweep.run(cfg)
+    return cfg, out, alpha_sweep
+
+
+def test_outputs_are_complete(smoke_sweep):
+    cfg, out, _ = smoke_sweep
+    for f in ("alpha_trials.parquet", "alpha_summary.csv", "alpha_sweep.png", "mia_grid.png",
+              "recommendation.json", "config.yaml", "run.json"):
+        assert (out / f).exists(), f
+    trials = pd.read_parquet(out / "alpha_trials.parquet")
+    plan = plan_rows(cfg, 5)
+    assert len(trials) == len(plan) and not trials.duplicated(KEY).any()
+    for col in ("success_top1", "success_top5", "target_conf", "eval_rank", "dist_private", "dist_anchor",
+                "final_loss"):
+        assert col in trials and trials[col].notna().all(), col
+    summary = pd.read_csv(out / "alpha_summary.csv")
+    assert set(summary["variant"]) == {"paper", "calibrated"} and len(summary) == 6
+    assert {"mia_success_top5", "ci_low", "ci_high", "mia_success_top1", "accuracy"} <= set(summary.columns)
+    rec = json.loads((out / "recommendation.json").read_text())
+    assert set(rec["variants"]) == {"paper", "calibrated"} and rec["paper"]["rt_accuracy"] == 0.958
+    run = json.loads((out / "run.json").read_text())
+    assert run["seed"] == cfg.run.seed and run["versions"]["torch"]
+
+
+def test_attack_beats_chance_on_the_undefended_model(smoke_sweep):
+    """At alpha=1 the released model is R_T alone: the generator MIA must beat R_E's chance."""
+    _, out, _ = smoke_sweep
+    trials = pd.read_parquet(out / "alpha_trials.parquet")
+    undefended = trials[trials["alpha"] == 1.0]
+    n_eval = 20
+    assert undefended["success_top1"].mean() >= 3 * (1 / n_eval), undefended["success_top1"].mean()
+    assert undefended["target_conf"].median() > 0.5          # the attack did optimise R'
+
+
+def test_calibration_lowers_dummy_confidence_on_real_faces(smoke_sweep):
+    _, out, _ = smoke_sweep
+    dummy = json.loads((out / "recommendation.json").read_text())["dummy"]
+    assert dummy["calibrated"]["dmy_top_conf_real"] < dummy["paper"]["dmy_top_conf_real"]
+
+
+def test_rerun_resumes_without_duplicates(smoke_sweep):
+    cfg, out, job = smoke_sweep
+    shards = sorted((out / "rows").glob("*.parquet"))
+    mtimes = {p: p.stat().st_mtime_ns for p in shards}
+    # a worker killed mid-chunk: its shard never got written (and a temp file is left behind)
+    lost = shards[0]
+    lost.unlink()
+    (out / "rows" / f".{lost.stem}.999.tmp").write_bytes(b"half-written")
+    job.run(cfg)
+    after = sorted((out / "rows").glob("*.parquet"))
+    assert [p.name for p in after] == [p.name for p in shards]
+    assert all(p.stat().st_mtime_ns == mtimes[p] for p in after if p != lost)   # only the lost chunk reran
+    trials = pd.read_parquet(out / "alpha_trials.parquet")
+    assert len(trials) == len(plan_rows(cfg, 5)) and not trials.duplicated(KEY).any()
+
+
+@pytest.mark.parametrize("job, override, needle", [
+    ("alpha_sweep.py", "attack.targets=[0,99]", "unknown target(s) [99]"),
+    ("alpha_sweep.py", "sweep.alphas=[1.2]", "outside [0, 1]"),
+    ("train.py", "target.epoch=3", "unknown config key 'target.epoch'"),
+])
+def test_bad_input_is_one_clear_line(job, override, needle, tmp_path):
+    env = {**os.environ, "RAYMIA_OUT_ROOT": str(tmp_path)}
+    r = subprocess.run([sys.executable, str(ROOT / "jobs" / job), "--preset", "smoke", "--set", override],
+                       capture_output=True, text=True, env=env, timeout=120)
+    assert r.returncode == 2
+    assert needle in r.stderr and "Traceback" not in r.stderr
