@@ -9,8 +9,6 @@ key and the keys that are valid at that level.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any, Optional, Union, get_args, get_origin, get_type_hints
@@ -218,12 +216,6 @@ class Config:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
-
-    def section_hash(self, *names: str) -> str:
-        """Stable short hash of the named sections (used to key artifacts)."""
-        d = self.to_dict()
-        payload = {n: d[n] for n in names}
-        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:12]
 
 
 # ----------------------------------------------------------------------------- building

@@ -198,10 +198,21 @@ KIND_SECTIONS = {
 }
 
 
+def artifact_key(cfg: Config, kind: str, extra_sections: tuple = ()) -> dict:
+    """What determines an artifact: its kind, the seed, and the config sections it is
+    built from (data plus the kind's own), each reduced to the values that differ from
+    the section's defaults.  A field added to the config later, with a default that
+    keeps the old behaviour, therefore leaves every existing artifact's key unchanged."""
+    sections = ("data",) + KIND_SECTIONS.get(kind, ()) + tuple(extra_sections)
+    d, default = cfg.to_dict(), Config().to_dict()
+    key = {"seed": cfg.run.seed, "kind": kind}
+    for s in sections:
+        key[s] = {k: v for k, v in d[s].items() if k not in default[s] or default[s][k] != v}
+    return key
+
+
 def artifact_dir(cfg: Config, kind: str, extra_sections: tuple = ()) -> Path:
-    sections = KIND_SECTIONS.get(kind, ()) + tuple(extra_sections)
-    d = cfg.to_dict()
-    key = {"data": d["data"], "seed": cfg.run.seed, "kind": kind, **{s: d[s] for s in sections}}
+    key = artifact_key(cfg, kind, extra_sections)
     h = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
     return Path(cfg.run.out_root) / cfg.run.name / "artifacts" / f"{kind}-{h}"
 
