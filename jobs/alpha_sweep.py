@@ -55,7 +55,8 @@ def render_grid(cfg, models, trials: pd.DataFrame, bundle, out: Path) -> Path:
             z = torch.as_tensor(r.latent, dtype=torch.float32)[None].to(models.device)
             recon[(r.variant, r.alpha, r.target)] = models.attacker_gen(z)[0].cpu()
     real = {t: bundle.private_train.x[bundle.private_train.y == t][0] for t in targets}
-    return mia_grid(out / "mia_grid.png", targets, real, models.anchors, recon, grid_alphas,
+    anchors = {v: {t: x[models.anchor_labels[v] == t][0] for t in targets} for v, x in models.anchors.items()}
+    return mia_grid(out / "mia_grid.png", targets, real, anchors, recon, grid_alphas,
                     list(cfg.sweep.variants), {t: bundle.class_names[t] for t in targets})
 
 
@@ -108,7 +109,8 @@ def run(cfg, out=None, address=None) -> Path:
         from raymia.evaluation import ReconstructionScorer
         from raymia.training import load_classifier
         re_model, _ = load_classifier(artifact_dir(cfg, "evaluator"), device)
-        scorer = ReconstructionScorer(re_model, bundle.private_train, bundle.private_to_eval, models.anchors, device)
+        scorer = ReconstructionScorer(re_model, bundle.private_train, bundle.private_to_eval, models.anchors, device,
+                                      anchor_labels=models.anchor_labels)
         floors = {v: scorer.anchor_floor(v) for v in cfg.sweep.variants}
     info = {v: {"dmy_top_conf_real": models.dummy_meta[v]["metrics"]["dmy_top_conf_real"],
                 "uniform_conf": models.dummy_meta[v]["metrics"]["uniform_conf"],

@@ -97,6 +97,18 @@ class DummyCfg:
     batch_size: int = 64
     lr: float = 2e-3
     calib_weight: float = 1.0    # weight of the uniform-on-real-faces term (calibrated only)
+    anchors_per_class: int = 1   # beyond the paper: k anchors (each with m neighbours) per class
+    anchor_choice: str = "random"  # random (paper) | far: from a pool, the anchors least similar to any
+                                   # real training face in R_T's feature space
+    anchor_pool: int = 8         # far: candidates drawn per anchor kept
+
+
+@dataclass
+class CombineCfg:
+    """How the released model mixes R_T and R_dmy (not part of R_dmy's training)."""
+    rule: str = "linear"         # linear: Eq. 1 | gated: dummy weight (1-alpha)*sigmoid((max R_dmy - tau)/temp)
+    gate_tau: float = 0.5        # gated: R_dmy top confidence at which the gate is half open
+    gate_temp: float = 0.05      # gated: gate softness
 
 
 @dataclass
@@ -208,6 +220,7 @@ class Config:
     gan: GanCfg = field(default_factory=GanCfg)
     attacker_gan: GanCfg = field(default_factory=GanCfg)
     dummy: DummyCfg = field(default_factory=DummyCfg)
+    combine: CombineCfg = field(default_factory=CombineCfg)
     attack: AttackCfg = field(default_factory=AttackCfg)
     sweep: SweepCfg = field(default_factory=SweepCfg)
     resources: ResourcesCfg = field(default_factory=ResourcesCfg)
@@ -362,6 +375,12 @@ def validate(cfg: Config) -> None:
     _check(dm.variant in ("paper", "calibrated"), f"dummy.variant must be paper or calibrated, got {dm.variant!r}")
     _check(dm.sigma2 > 0 and dm.sigma_tilde2 > 0, "dummy.sigma2 and dummy.sigma_tilde2 must be > 0")
     _check(dm.m >= 1, "dummy.m must be >= 1")
+    _check(dm.anchors_per_class >= 1, "dummy.anchors_per_class must be >= 1")
+    _check(dm.anchor_choice in ("random", "far"), f"dummy.anchor_choice must be random or far, got {dm.anchor_choice!r}")
+    _check(dm.anchor_pool >= 1, "dummy.anchor_pool must be >= 1")
+    cb = cfg.combine
+    _check(cb.rule in ("linear", "gated"), f"combine.rule must be linear or gated, got {cb.rule!r}")
+    _check(0.0 < cb.gate_tau < 1.0 and cb.gate_temp > 0, "combine.gate_tau must lie in (0, 1) and combine.gate_temp be > 0")
     _check(cfg.attack.restarts >= 1 and cfg.attack.iters >= 1, "attack.restarts and attack.iters must be >= 1")
     _check(cfg.attack.precision in ("fp32", "bf16"), f"attack.precision must be fp32 or bf16, got {cfg.attack.precision!r}")
     _check(cfg.attack.compile in ("off", "default", "max-autotune-no-cudagraphs", "max-autotune", "reduce-overhead"),

@@ -141,8 +141,9 @@ def make_evaluator_actor(cfg: Config, total_rows: int, done_rows: int, name: str
             set_threads(1)
             re_model, _ = load_classifier(artifact_dir(c, "evaluator"), "cpu")
             bundle = load_bundle(c.data)
-            anchors = load_sweep_models(c, "cpu").anchors
-            self.scorer = ReconstructionScorer(re_model, bundle.private_train, bundle.private_to_eval, anchors, "cpu")
+            models = load_sweep_models(c, "cpu")
+            self.scorer = ReconstructionScorer(re_model, bundle.private_train, bundle.private_to_eval,
+                                               models.anchors, "cpu", anchor_labels=models.anchor_labels)
             self.total, self.done, self.start_done = total, done, done
             self.t0 = time.time()
             self.hits: dict = {}

@@ -34,17 +34,24 @@ class ReconstructionScorer:
     """Scores reconstructions with the evaluation model R_E.
 
     ``private`` holds R_T's training images (labels = R_T classes); ``private_to_eval``
-    maps R_T classes to R_E classes; ``anchors`` maps a variant to its synthetic anchor
-    images (row i = anchor of class i)."""
+    maps R_T classes to R_E classes; ``anchors`` maps a variant (or any key) to its
+    synthetic anchor images and ``anchor_labels`` to their R_T classes (default: row i =
+    anchor of class i)."""
 
     def __init__(self, evaluator, private: Split, private_to_eval: torch.Tensor,
-                 anchors: Optional[dict] = None, device="cpu", k: int = 5):
+                 anchors: Optional[dict] = None, device="cpu", k: int = 5, anchor_labels: Optional[dict] = None):
         self.model, self.device, self.k = evaluator, device, k
         self.p2e = private_to_eval.long()
         self.private_feats, _ = _embed(evaluator, private.x, device)
         self.private_y = private.y.long()
-        self.anchor_feats = {v: _embed(evaluator, a, device)[0] for v, a in (anchors or {}).items()}
-        self.anchor_logits = {v: _embed(evaluator, a, device)[1] for v, a in (anchors or {}).items()}
+        self.anchor_feats, self.anchor_logits, self.anchor_y = {}, {}, {}
+        for key, x in (anchors or {}).items():
+            self.add_anchors(key, x, (anchor_labels or {}).get(key))
+
+    def add_anchors(self, key, images: torch.Tensor, labels: Optional[torch.Tensor] = None) -> None:
+        """Register a defense's synthetic anchors under ``key`` (for distances and the floor)."""
+        self.anchor_feats[key], self.anchor_logits[key] = _embed(self.model, images, self.device)
+        self.anchor_y[key] = torch.arange(images.shape[0]) if labels is None else torch.as_tensor(labels).long()
 
     def score(self, images: torch.Tensor, targets: Sequence[int], variant: Optional[str] = None) -> dict:
         t = torch.as_tensor(list(targets), dtype=torch.long)
@@ -61,8 +68,10 @@ class ReconstructionScorer:
                "success_top5": (rank <= self.k).numpy(),
                "eval_conf": F.softmax(logits, 1).gather(1, et[:, None])[:, 0].numpy(),
                "dist_private": dist_private.numpy()}
-        if variant in self.anchor_feats:
-            out["dist_anchor"] = (1.0 - (feats * self.anchor_feats[variant][t]).sum(1)).numpy()
+        if variant in self.anchor_feats:          # nearest anchor of the target's class
+            sims_a = feats @ self.anchor_feats[variant].T
+            own = self.anchor_y[variant][None, :] == t[:, None]
+            out["dist_anchor"] = (1.0 - sims_a.masked_fill(~own, -2.0).max(1).values).numpy()
         else:
             out["dist_anchor"] = np.full(t.numel(), np.nan)
         return out
@@ -71,7 +80,7 @@ class ReconstructionScorer:
         """alpha = 0 floor: how often R_E puts an anchor's own class in its top-k (the
         attack's success if it found the anchor exactly)."""
         logits = self.anchor_logits[variant]
-        et = self.p2e[: logits.shape[0]]
+        et = self.p2e[self.anchor_y[variant]]
         rank = (logits > logits.gather(1, et[:, None])).sum(1) + 1
         return float((rank <= self.k).float().mean())
 

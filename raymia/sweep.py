@@ -17,7 +17,7 @@ import torch
 
 from .config import Config, ConfigError, alpha_grid
 from .attacks.generator_mia import generator_mia
-from .defenses.dummy import CombinedModel, dummy_artifact_dir, load_dummy
+from .defenses.dummy import combined_model, dummy_artifact_dir, load_dummy
 from .training import artifact_dir, load_classifier, load_generator
 
 KEY = ["variant", "alpha", "target", "restart"]
@@ -87,19 +87,21 @@ class SweepModels:
     combined: dict          # variant -> CombinedModel
     attacker_gen: torch.nn.Module
     dummy_meta: dict        # variant -> manifest
-    anchors: dict           # variant -> anchor images (n, C, H, W)
+    anchors: dict           # variant -> anchor images (k*n, C, H, W)
+    anchor_labels: dict     # variant -> R_T class of each anchor
     device: torch.device
 
 
 def load_sweep_models(cfg: Config, device, variants: Optional[Sequence[str]] = None) -> SweepModels:
     rt, _ = load_classifier(artifact_dir(cfg, "target"), device)
     F_, _ = load_generator(artifact_dir(cfg, "attacker_gan"), device)
-    combined, metas, anchors = {}, {}, {}
+    combined, metas, anchors, labels = {}, {}, {}, {}
     for v in variants or cfg.sweep.variants:
         dm, anc, man = load_dummy(dummy_artifact_dir(cfg, v), device)
-        combined[v] = CombinedModel(rt, dm).eval()
+        combined[v] = combined_model(cfg, rt, dm)
         metas[v], anchors[v] = man, anc["x"]
-    return SweepModels(combined, F_, metas, anchors, torch.device(device))
+        labels[v] = anc["y"].long() if "y" in anc else torch.arange(anc["x"].shape[0])
+    return SweepModels(combined, F_, metas, anchors, labels, torch.device(device))
 
 
 def attack_chunk(cfg: Config, models: SweepModels, chunk: pd.DataFrame, progress=None,

@@ -169,3 +169,36 @@ def test_unknown_target_is_a_clear_error():
     cfg = load_config("smoke", ["attack.targets=[0, 99]"])
     with pytest.raises(ConfigError, match=r"unknown target\(s\) \[99\]"):
         resolve_targets(cfg, 5)
+
+
+def test_gated_rule_passes_real_faces_and_yields_to_a_confident_dummy():
+    rt, rd, _ = _tiny_nets()
+    comb = CombinedModel(rt, rd, alpha=0.25, rule="gated", gate_tau=0.5, gate_temp=0.05)
+    p_t = F.softmax(torch.randn(3, 6), 1)
+    unsure = torch.full((3, 6), 1 / 6)                              # R_dmy on a real face (calibrated)
+    sure = F.one_hot(torch.tensor([1, 2, 3]), 6).float() * 0.97 + 0.005   # R_dmy near its anchors
+    assert torch.allclose(comb.mix(p_t, unsure, 0.25), p_t, atol=1e-3)
+    assert torch.allclose(comb.mix(p_t, sure, 0.25), 0.25 * p_t + 0.75 * sure, atol=1e-3)
+    assert torch.allclose(comb.mix(p_t, sure, 1.0), p_t)            # alpha = 1 is R_T alone
+    a = torch.tensor([1.0, 0.5, 0.0])
+    w = comb.dummy_weight(sure, a)[:, 0]
+    assert torch.allclose(w, (1 - a) * torch.sigmoid(torch.tensor((0.975 - 0.5) / 0.05)), atol=1e-4)
+    with pytest.raises(ValueError, match="combination rule"):
+        CombinedModel(rt, rd, rule="max")
+
+
+def test_several_and_far_anchors():
+    rt, _, G = _tiny_nets()
+    real = torch.rand(12, 1, 16, 16)
+    real_feats = F.normalize(rt.embed(real), dim=1)
+    ds = dummy_training_set(G, n=3, m=5, sigma2=1.0, sigma_tilde2=0.0625, seed=0, device="cpu",
+                            anchors_per_class=2)
+    assert ds["anchor_y"].tolist() == [0, 0, 1, 1, 2, 2]
+    assert torch.equal(ds["neighbour_y"], ds["anchor_y"].repeat_interleave(5))
+    closest = lambda x: float((F.normalize(rt.embed(x), dim=1) @ real_feats.T).max(1).values.mean())
+    rnd = dummy_training_set(G, n=6, m=1, sigma2=1.0, sigma_tilde2=0.0625, seed=1, device="cpu")
+    far = dummy_training_set(G, n=6, m=1, sigma2=1.0, sigma_tilde2=0.0625, seed=1, device="cpu",
+                             anchor_choice="far", anchor_pool=8, embed=rt.embed, real_feats=real_feats)
+    assert closest(far["anchor_x"]) < closest(rnd["anchor_x"])
+    with pytest.raises(ValueError, match="far"):
+        dummy_training_set(G, n=2, m=1, sigma2=1.0, sigma_tilde2=0.1, seed=0, device="cpu", anchor_choice="far")

@@ -25,23 +25,55 @@ from .. import artifacts
 from ..config import Config
 from ..data import Bundle, Split
 from ..models import Generator, build_classifier, freeze
-from ..training import (ProgressFn, artifact_dir, augment_batch, load_generator,
+from ..training import (ProgressFn, artifact_dir, augment_batch, load_classifier, load_generator,
                         pick_device, predict_logits, train_classifier)
 
 DUMMY_SECTIONS = ("target", "gan", "dummy")
 
 
 @torch.no_grad()
+def _render(G: Generator, lat: torch.Tensor, device, batch: int = 256) -> torch.Tensor:
+    return torch.cat([G(lat[i:i + batch].to(device)).float().cpu() for i in range(0, lat.shape[0], batch)])
+
+
+@torch.no_grad()
+def choose_far_anchors(G: Generator, candidates: torch.Tensor, k: int, embed, real_feats: torch.Tensor,
+                       device) -> torch.Tensor:
+    """From candidate latents keep the ``k`` whose images are least similar (max cosine
+    similarity in ``embed``'s feature space) to every real face in ``real_feats``."""
+    feats = F.normalize(embed(_render(G, candidates, device).to(device)).float(), dim=1).cpu()
+    closest = (feats @ real_feats.T).max(1).values
+    return candidates[closest.argsort()[:k]]
+
+
+@torch.no_grad()
 def dummy_training_set(G: Generator, n: int, m: int, sigma2: float, sigma_tilde2: float, seed: int,
-                       device) -> dict[str, torch.Tensor]:
-    """Anchors and neighbours of the dummy model's training set D_dmy (paper §4.2)."""
+                       device, anchors_per_class: int = 1, anchor_choice: str = "random", anchor_pool: int = 8,
+                       embed=None, real_feats: Optional[torch.Tensor] = None) -> dict[str, torch.Tensor]:
+    """Anchors and neighbours of the dummy model's training set D_dmy (paper §4.2).
+
+    Paper: one anchor z_i ~ N(0, sigma2 I) per class and m neighbours z_il ~ N(z_i,
+    sigma_tilde2 I).  Beyond the paper: ``anchors_per_class`` anchors per class (class of
+    anchor j is j // anchors_per_class), and ``anchor_choice="far"``, which draws
+    ``anchor_pool`` candidates per anchor and keeps those farthest from the real faces
+    (``embed`` = R_T's feature map, ``real_feats`` = normalised features of D)."""
     g = torch.Generator().manual_seed(seed)
-    z = torch.randn(n, G.latent_dim, generator=g) * sigma2 ** 0.5
-    zl = z.repeat_interleave(m, 0) + torch.randn(n * m, G.latent_dim, generator=g) * sigma_tilde2 ** 0.5
+    k = n * anchors_per_class
+    if anchor_choice == "far":
+        if embed is None or real_feats is None:
+            raise ValueError("anchor_choice='far' needs R_T's embed function and the real faces' features")
+        pool = torch.randn(k * anchor_pool, G.latent_dim, generator=g) * sigma2 ** 0.5
+        z = choose_far_anchors(G, pool, k, embed, real_feats, device)
+        z = z[torch.randperm(k, generator=g)]
+    elif anchor_choice == "random":
+        z = torch.randn(k, G.latent_dim, generator=g) * sigma2 ** 0.5
+    else:
+        raise ValueError(f"unknown anchor choice {anchor_choice!r} (random, far)")
+    zl = z.repeat_interleave(m, 0) + torch.randn(k * m, G.latent_dim, generator=g) * sigma_tilde2 ** 0.5
     G.eval()
-    render = lambda lat: torch.cat([G(lat[i:i + 256].to(device)).float().cpu() for i in range(0, lat.shape[0], 256)])
-    return {"anchor_z": z, "anchor_x": render(z), "neighbour_z": zl, "neighbour_x": render(zl),
-            "neighbour_y": torch.arange(n).repeat_interleave(m)}
+    anchor_y = torch.arange(n).repeat_interleave(anchors_per_class)
+    return {"anchor_z": z, "anchor_x": _render(G, z, device), "anchor_y": anchor_y,
+            "neighbour_z": zl, "neighbour_x": _render(G, zl, device), "neighbour_y": anchor_y.repeat_interleave(m)}
 
 
 def dummy_artifact_dir(cfg: Config, variant: str) -> Path:
@@ -56,11 +88,20 @@ def uniform_ce(logits: torch.Tensor) -> torch.Tensor:
 
 
 def train_dummy(cfg: Config, G: Generator, bundle: Bundle, variant: str, device, seed: int,
-                progress: Optional[ProgressFn] = None):
-    """Train R_dmy for ``variant`` (paper | calibrated).  Returns (model, anchors, metrics)."""
+                progress: Optional[ProgressFn] = None, target: Optional[nn.Module] = None):
+    """Train R_dmy for ``variant`` (paper | calibrated).  Returns (model, anchors, metrics).
+    ``target`` (R_T) is needed only for far anchors; it is loaded from its artifact if absent."""
     dm = cfg.dummy
     n = bundle.n_private
-    ds = dummy_training_set(G, n, dm.m, dm.sigma2, dm.sigma_tilde2, seed, device)
+    embed = real_feats = None
+    if dm.anchor_choice == "far":
+        rt = target if target is not None else load_classifier(artifact_dir(cfg, "target"), device)[0]
+        embed = rt.embed
+        real_feats = F.normalize(torch.cat([rt.embed(bundle.private_train.x[i:i + 256].to(device)).float().cpu()
+                                            for i in range(0, len(bundle.private_train), 256)]), dim=1)
+    with torch.no_grad():
+        ds = dummy_training_set(G, n, dm.m, dm.sigma2, dm.sigma_tilde2, seed, device, dm.anchors_per_class,
+                                dm.anchor_choice, dm.anchor_pool, embed, real_feats)
     ccfg = dataclasses.replace(cfg.target, epochs=dm.epochs, batch_size=dm.batch_size, lr=dm.lr, augment=False)
     extra = None
     if variant == "calibrated":
@@ -86,7 +127,7 @@ def dummy_confidence(model: nn.Module, bundle: Bundle, ds: dict, device) -> dict
     n = pr.shape[1]
     return {"dmy_top_conf_real": float(pr.max(1).values.mean()), "uniform_conf": 1.0 / n,
             "dmy_top_conf_anchor": float(pa.max(1).values.mean()),
-            "dmy_anchor_acc": float((pa.argmax(1) == torch.arange(n)).float().mean())}
+            "dmy_anchor_acc": float((pa.argmax(1) == ds["anchor_y"]).float().mean())}
 
 
 def train_dummy_artifact(cfg: Config, variant: str, bundle: Optional[Bundle] = None,
@@ -104,7 +145,7 @@ def train_dummy_artifact(cfg: Config, variant: str, bundle: Optional[Bundle] = N
     meta = {"kind": f"dummy-{variant}", "section": "target", "variant": variant, "config": cfg.to_dict(),
             "seed": seed, "n_classes": bundle.n_private, "image_shape": list(bundle.private_train.x.shape[1:]),
             "metrics": metrics, "versions": artifacts.versions()}
-    anchors = {"z": ds["anchor_z"], "x": ds["anchor_x"]}
+    anchors = {"z": ds["anchor_z"], "x": ds["anchor_x"], "y": ds["anchor_y"]}
     out = artifacts.save_artifact(out, {"model": model.state_dict(), "anchors": anchors}, meta)
     from torchvision.utils import save_image
     save_image(ds["anchor_x"], str(out / "anchors.png"), nrow=10, padding=1)
@@ -123,29 +164,50 @@ def load_dummy(directory, device="cpu"):
 
 
 class CombinedModel(nn.Module):
-    """The released model R'(x) = alpha * softmax(R_T(x)) + (1 - alpha) * softmax(R_dmy(x)).
+    """The released model: one two-branch network with a single confidence-vector output.
 
-    To anyone holding it, it is one two-branch network with a single confidence-vector
-    head (the paper's white-box attacker cannot tell it is defended).  ``alpha`` is a
-    buffer (scalar) that ``forward(x, alpha=...)`` can override with a scalar or a
-    per-row tensor of shape (B,), so one pass serves many alphas.
+    ``rule="linear"`` (the paper's Eq. 1):  R'(x) = alpha * p_T(x) + (1 - alpha) * p_dmy(x).
+    ``rule="gated"`` (beyond the paper):    R'(x) = (1 - w) * p_T(x) + w * p_dmy(x) with
+    w = (1 - alpha) * sigmoid((max_j p_dmy(x)_j - tau) / temp): where R_dmy is unsure (real
+    faces, when it is calibrated) R' is R_T unchanged, where R_dmy is confident (near its
+    anchors) the dummy takes weight 1 - alpha.  The gate is part of the network: a
+    white-box attacker differentiates through it like through any other layer.
+
+    ``alpha`` is a buffer (scalar) that ``forward(x, alpha=...)`` can override with a
+    scalar or a per-row tensor of shape (B,), so one pass serves many alphas.
     """
 
-    def __init__(self, target: nn.Module, dummy: nn.Module, alpha: float = 0.25):
+    def __init__(self, target: nn.Module, dummy: nn.Module, alpha: float = 0.25, rule: str = "linear",
+                 gate_tau: float = 0.5, gate_temp: float = 0.05):
         super().__init__()
+        if rule not in ("linear", "gated"):
+            raise ValueError(f"unknown combination rule {rule!r} (linear, gated)")
         self.target, self.dummy = target, dummy
+        self.rule, self.gate_tau, self.gate_temp = rule, float(gate_tau), float(gate_temp)
         self.register_buffer("alpha", torch.tensor(float(alpha)))
 
     def branch_probs(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return F.softmax(self.target(x).float(), 1), F.softmax(self.dummy(x).float(), 1)
 
-    @staticmethod
-    def mix(p_t: torch.Tensor, p_d: torch.Tensor, alpha: Union[float, torch.Tensor]) -> torch.Tensor:
-        a = torch.as_tensor(alpha, dtype=p_t.dtype, device=p_t.device)
-        if a.ndim == 1:
-            a = a[:, None]
-        return a * p_t + (1.0 - a) * p_d
+    def dummy_weight(self, p_d: torch.Tensor, alpha: Union[float, torch.Tensor]) -> torch.Tensor:
+        """Per-row weight of R_dmy's output, shape (B, 1)."""
+        a = torch.as_tensor(alpha, dtype=p_d.dtype, device=p_d.device)
+        a = a[:, None] if a.ndim == 1 else a.reshape(1, 1)
+        w = 1.0 - a
+        if self.rule == "gated":
+            w = w * torch.sigmoid((p_d.max(1, keepdim=True).values - self.gate_tau) / self.gate_temp)
+        return w
+
+    def mix(self, p_t: torch.Tensor, p_d: torch.Tensor, alpha: Union[float, torch.Tensor]) -> torch.Tensor:
+        w = self.dummy_weight(p_d, alpha)
+        return (1.0 - w) * p_t + w * p_d
 
     def forward(self, x: torch.Tensor, alpha: Optional[Union[float, torch.Tensor]] = None) -> torch.Tensor:
         p_t, p_d = self.branch_probs(x)
         return self.mix(p_t, p_d, self.alpha if alpha is None else alpha)
+
+
+def combined_model(cfg: Config, target: nn.Module, dummy: nn.Module, alpha: float = 0.25) -> CombinedModel:
+    """The released model as ``cfg.combine`` describes it, in eval mode."""
+    c = cfg.combine
+    return CombinedModel(target, dummy, alpha, c.rule, c.gate_tau, c.gate_temp).eval()
