@@ -41,7 +41,6 @@ from typing import Any, Callable, Mapping, Optional, Sequence
 
 import numpy as np
 
-from .artifacts import CheckpointError, artifact_exists
 from .config import Config, ConfigError, config_from_dict, load_config
 
 # ----------------------------------------------------------------------------- plan
@@ -49,8 +48,9 @@ from .config import Config, ConfigError, config_from_dict, load_config
 RECOMMENDATION = "recommendation.json"
 
 
-class ServeSetupError(CheckpointError):
-    """Something the app needs does not exist yet (artifacts, alpha recommendation)."""
+class ServeSetupError(ConfigError):
+    """Something the served config points at does not exist yet (artifacts, alpha
+    recommendation); the message names the command that creates it."""
 
 
 @dataclass
@@ -126,6 +126,7 @@ def resolve_plan(cfg: Config, preset: str = "orl") -> ServingPlan:
     """Locate the models and alpha for ``cfg`` (``run.out_root`` must be absolute, see
     :func:`raymia.distributed.resolve_out_root`); raise :class:`ServeSetupError` naming
     the command that creates whatever is missing."""
+    from .artifacts import artifact_exists
     from .defenses.dummy import dummy_artifact_dir
     from .training import artifact_dir
     s = cfg.serve

@@ -28,3 +28,86 @@ def ray_session(tmp_path_factory):
              log_to_driver=False, _temp_dir=str(tmp))
     yield ray
     ray.shutdown()
+
+
+# ----------------------------------------------------------------------------- Serve app
+
+SERVE_APP = "raymia"
+
+
+@pytest.fixture(scope="session")
+def serve_artifacts(tmp_path_factory, orl_smoke):
+    """What the Serve app needs, trained on the smoke preset into a temporary out_root
+    (R_T, the defender's generator G, R_dmy calibrated; ~15 s); returns (cfg, bundle) with
+    serve.variant=calibrated and serve.alpha=0.5 (no alpha sweep needed)."""
+    from raymia.config import load_config
+    from raymia.defenses.dummy import train_dummy_artifact
+    from raymia.training import train_artifact
+    _, bundle = orl_smoke
+    root = tmp_path_factory.mktemp("serve_runs")
+    cfg = load_config("smoke", [f"run.out_root={root}", "serve.variant=calibrated", "serve.alpha=0.5"])
+
+    def quiet(step, total, metrics):
+        pass
+    train_artifact(cfg, "target", bundle, quiet)
+    train_artifact(cfg, "gan", bundle, quiet)
+    train_dummy_artifact(cfg, "calibrated", bundle, quiet)
+    return cfg, bundle
+
+
+class LiveServe:
+    """The Serve app running on 127.0.0.1:<free port> (``url``) with admin token
+    ``admin_token``; ``deploy(cfg)`` (re)deploys it in place, ``client(id)`` talks to it."""
+
+    def __init__(self, cfg, port: int, admin_token: str):
+        self.cfg, self.port, self.admin_token = cfg, port, admin_token
+        self.url = f"http://127.0.0.1:{port}"
+
+    def deploy(self, cfg=None):
+        from ray import serve as rserve
+        import serve as raymia_serve
+        self.cfg = cfg or self.cfg
+        rserve.run(raymia_serve.build_app(self.cfg, "smoke", admin_token=self.admin_token), name=SERVE_APP,
+                   route_prefix="/")
+        return self
+
+    def client(self, client_id=None, api_key=None):
+        from raymia.serving import ServeClient
+        return ServeClient(self.url, client_id, api_key)
+
+    def admin(self, method: str, path: str):
+        return self.client().request(method, path, headers={"Authorization": f"Bearer {self.admin_token}"})
+
+    def shard_actors(self):
+        """(name, handle) of every filter shard actor of the current state file."""
+        import ray
+        from raymia.serving import state_path
+        from serve.state import NAMESPACE, shard_names
+        out = []
+        for n in shard_names(str(state_path(self.cfg).resolve()), self.cfg.serve.shards):
+            try:
+                out.append((n, ray.get_actor(n, namespace=NAMESPACE)))
+            except ValueError:      # not created (yet), or killed for good
+                pass
+        return out
+
+
+@pytest.fixture(scope="module")
+def serve_app(ray_session, serve_artifacts, tmp_path_factory):
+    """The Serve app over the smoke artifacts on 127.0.0.1 and a free port, with this
+    module's own filter-state file; Serve and the shard actors are shut down afterwards."""
+    import socket
+
+    from ray import serve as rserve
+    from raymia.config import config_from_dict
+    cfg = config_from_dict(serve_artifacts[0].to_dict())
+    cfg.serve.state_path = str(tmp_path_factory.mktemp("serve_state") / "filter_state.sqlite")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    rserve.start(http_options={"host": "127.0.0.1", "port": port})
+    live = LiveServe(cfg, port, admin_token="test-admin-token").deploy()
+    yield live
+    rserve.shutdown()
+    for _, h in live.shard_actors():
+        ray_session.kill(h)

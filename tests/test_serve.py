@@ -1,0 +1,324 @@
+"""The Ray Serve app over real HTTP on 127.0.0.1 (smoke-preset models), and the Ray-free
+serving pieces: filter-state store, plan resolution, fail-fast without artifacts."""
+import base64
+import io
+import json
+import subprocess
+import sys
+import zlib
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from raymia.config import ConfigError, config_from_dict, save_config
+from raymia.defenses.filter import FilterInputError, FilterParams
+from raymia.serving import (FilterStateStore, ServeClient, ServeSetupError, attack_endpoint, encode_png,
+                            regular_user, resolve_plan, shard_of)
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def library_model(cfg):
+    """R' = 0.5 R_T + 0.5 R_dmy straight from the library (not through raymia.serving)."""
+    from raymia.defenses.dummy import CombinedModel, dummy_artifact_dir, load_dummy
+    from raymia.training import artifact_dir, load_classifier
+    rt, _ = load_classifier(artifact_dir(cfg, "target"))
+    dm, _, _ = load_dummy(dummy_artifact_dir(cfg, "calibrated"))
+    return CombinedModel(rt, dm, 0.5).eval()
+
+
+def faces(bundle):
+    """Distinct real faces of the smoke bundle (test then train), (N, 1, 32, 32) float32."""
+    x = torch.cat([bundle.private_test.x, bundle.private_train.x]).numpy()
+    y = torch.cat([bundle.private_test.y, bundle.private_train.y]).numpy()
+    return x, y
+
+
+def state(live, cid):
+    r = live.admin("GET", f"/admin/clients/{cid}")
+    return r.body if r.status == 200 else None
+
+
+# ----------------------------------------------------------------------------- HTTP, live app
+
+def test_prediction_matches_library_combined_model(serve_app, serve_artifacts):
+    cfg, bundle = serve_artifacts
+    model = library_model(cfg)
+    x, _ = faces(bundle)
+    c = serve_app.client("matcher")       # one client per format: the same face thrice would be blocked
+    c_png, c_b64 = serve_app.client("matcher-png"), serve_app.client("matcher-b64")
+    for i, img in enumerate(x[:4]):
+        with torch.no_grad():
+            want = model(torch.from_numpy(img[None]))[0].numpy()
+        r = c.predict(img, top_k=5)            # JSON nested list: exact float32 pixels
+        assert r.status == 200, r.body
+        got = np.zeros(5)
+        for t in r.body["top_k"]:
+            got[t["label"]] = t["confidence"]
+        np.testing.assert_allclose(got, want, atol=1e-5)
+        assert r.body["label"] == int(want.argmax())
+        q = np.round(img * 255).astype(np.uint8).astype(np.float32) / 255.0   # what a PNG carries
+        with torch.no_grad():
+            want_q = model(torch.from_numpy(q[None]))[0].numpy()
+        png = encode_png(img)
+        for reply in (c_png.request("POST", "/predict?top_k=5", png, {"Content-Type": "image/png"}),
+                      c_b64.request("POST", "/predict", json.dumps({"image": base64.b64encode(png).decode(), "top_k": 5})
+                                .encode(), {"Content-Type": "application/json"})):
+            assert reply.status == 200, reply.body
+            conf = {t["label"]: t["confidence"] for t in reply.body["top_k"]}
+            np.testing.assert_allclose([conf[k] for k in range(5)], want_q, atol=1e-5)
+    r = c.predict(x[10], top_k=2, labels_only=True)
+    assert r.status == 200 and set(r.body) == {"label"}
+    h = serve_app.client().healthz()
+    assert h.status == 200 and h.body["input"] == {"channels": 1, "height": 32, "width": 32, "range": [0.0, 1.0]}
+
+
+def test_attacker_is_blocked_and_stays_blocked_regular_user_is_not(serve_app, serve_artifacts):
+    cfg, bundle = serve_artifacts
+    mallory = serve_app.client("mallory")
+    res = attack_endpoint(mallory, library_model(cfg), target=1, shape=(1, 32, 32), iters=60,
+                          lr=cfg.attack.fredrikson_lr, noise_std=cfg.filter.noise_std, seed=0)
+    assert res["blocked_at"] is not None and res["served"] == res["blocked_at"] - 1
+    assert res["served"] < cfg.filter.l_sp + 2          # identical-looking queries: caught at once
+    assert res["blocked_reply"]["error"] == "blocked"
+    x, y = faces(bundle)
+    for img in x[:3]:                                   # even distinct real faces are refused now
+        assert mallory.predict(img).status == 403
+    st = state(serve_app, "mallory")
+    assert st["blocked"] and st["count"] == cfg.filter.l_sp
+    alice = serve_app.client("alice")
+    out = regular_user(alice, x[:30], y[:30])
+    assert out["blocked_at"] is None and out["served"] == 30
+    st = state(serve_app, "alice")
+    assert not st["blocked"] and st["n_queries"] == 30 and st["count"] == 0
+
+
+def _png_bytes(arr, fmt="PNG"):
+    from PIL import Image
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format=fmt)
+    return buf.getvalue()
+
+
+def bad_requests(limit: int):
+    """(name, client id, method, path, headers, body, expected status) — 30 kinds."""
+    ok = np.full((32, 32), 0.5).tolist()
+    J = {"Content-Type": "application/json"}
+    P = {"Content-Type": "image/png"}
+    js = lambda d: json.dumps(d).encode()
+    gray = (np.random.default_rng(0).random((32, 32)) * 255).astype(np.uint8)
+    png_ok = _png_bytes(gray)
+    bomb = bytearray(_png_bytes(np.zeros((8, 8), np.uint8)))
+    bomb[16:24] = (100000).to_bytes(4, "big") * 2     # IHDR claims 100000 x 100000 (valid CRC)
+    bomb[29:33] = zlib.crc32(bytes(bomb[12:29])).to_bytes(4, "big")
+    return [
+        ("no client id", None, "POST", "/predict", J, js({"image": ok}), 400),
+        ("empty client id", "", "POST", "/predict", J, js({"image": ok}), 400),
+        ("bad client id characters", "a b/../c", "POST", "/predict", J, js({"image": ok}), 400),
+        ("client id too long", "x" * 200, "POST", "/predict", J, js({"image": ok}), 400),
+        ("empty body", "corpus", "POST", "/predict", J, b"", 400),
+        ("invalid JSON", "corpus", "POST", "/predict", J, b'{"image": [[0.5, ', 400),
+        ("JSON not UTF-8", "corpus", "POST", "/predict", J, b'{"image": "\xff\xfe"}', 400),
+        ("JSON nested too deeply", "corpus", "POST", "/predict", J, b"[" * 100000 + b"]" * 100000, 400),
+        ("JSON array body", "corpus", "POST", "/predict", J, js([ok]), 422),
+        ("JSON without image", "corpus", "POST", "/predict", J, js({"top_k": 1}), 422),
+        ("unknown JSON field", "corpus", "POST", "/predict", J, js({"image": ok, "alpha": 1.0}), 422),
+        ("wrong size", "corpus", "POST", "/predict", J, js({"image": np.full((16, 16), 0.5).tolist()}), 422),
+        ("wrong channels", "corpus", "POST", "/predict", J, js({"image": np.full((3, 32, 32), 0.5).tolist()}), 422),
+        ("ragged list", "corpus", "POST", "/predict", J, js({"image": [[0.5] * 32] * 31 + [[0.5] * 5]}), 422),
+        ("strings in image", "corpus", "POST", "/predict", J, js({"image": [["a"] * 32] * 32}), 422),
+        ("booleans in image", "corpus", "POST", "/predict", J, js({"image": [[True] * 32] * 32}), 422),
+        ("nulls in image", "corpus", "POST", "/predict", J, js({"image": [[None] * 32] * 32}), 422),
+        ("NaN pixel", "corpus-fresh", "POST", "/predict", J, js({"image": ok}).replace(b"0.5", b"NaN", 1), 422),
+        ("infinite pixel", "corpus", "POST", "/predict", J, js({"image": ok}).replace(b"0.5", b"1e999", 1), 422),
+        ("pixel above 1", "corpus", "POST", "/predict", J, js({"image": [[2.0] * 32] * 32}), 422),
+        ("negative pixel", "corpus", "POST", "/predict", J, js({"image": [[-0.1] * 32] * 32}), 422),
+        ("invalid base64", "corpus", "POST", "/predict", J, js({"image": "not base64!!"}), 400),
+        ("base64 of a non-image", "corpus", "POST", "/predict", J,
+         js({"image": base64.b64encode(b"hello world").decode()}), 415),
+        ("PNG of the wrong size", "corpus", "POST", "/predict", P, _png_bytes(np.zeros((64, 64), np.uint8)), 422),
+        ("RGB PNG for a gray model", "corpus", "POST", "/predict", P, _png_bytes(np.zeros((32, 32, 3), np.uint8)), 422),
+        ("16-bit PNG", "corpus", "POST", "/predict", P, _png_bytes(np.zeros((32, 32), np.uint16)), 422),
+        ("JPEG of the wrong size", "corpus", "POST", "/predict", {"Content-Type": "image/jpeg"},
+         _png_bytes(np.zeros((20, 20), np.uint8), fmt="JPEG"), 422),
+        ("truncated PNG", "corpus", "POST", "/predict", P, png_ok[:60], 400),
+        ("decompression-bomb header", "corpus", "POST", "/predict", P, bytes(bomb), 422),
+        ("GIF sent as PNG", "corpus", "POST", "/predict", P, _png_bytes(gray, fmt="GIF"), 415),
+        ("text/plain body", "corpus", "POST", "/predict", {"Content-Type": "text/plain"}, b"0.5 0.5", 415),
+        ("payload over the limit", "corpus", "POST", "/predict", J, b" " * (limit + 1), 413),
+        ("top_k zero", "corpus", "POST", "/predict?top_k=0", J, js({"image": ok}), 422),
+        ("top_k not a number", "corpus", "POST", "/predict", J, js({"image": ok, "top_k": "five"}), 422),
+        ("labels_only not a flag", "corpus", "POST", "/predict?labels_only=maybe", J, js({"image": ok}), 422),
+        ("unknown query parameter", "corpus", "POST", "/predict?alpha=0", J, js({"image": ok}), 422),
+        ("GET /predict", "corpus", "GET", "/predict", {}, None, 405),
+        ("unknown route", "corpus", "POST", "/predictions", J, js({"image": ok}), 404),
+        ("admin without token", "corpus", "GET", "/admin/clients/corpus", {}, None, 401),
+        ("admin with a wrong token", "corpus", "POST", "/admin/clients/corpus/unblock",
+         {"Authorization": "Bearer wrong"}, None, 401),
+    ]
+
+
+def test_bad_requests_get_4xx_json_and_leave_state_unchanged(serve_app, serve_artifacts):
+    _, bundle = serve_artifacts
+    x, _ = faces(bundle)
+    assert serve_app.client("corpus").predict(x[0]).status == 200
+    before = state(serve_app, "corpus")
+    corpus = bad_requests(serve_app.cfg.serve.max_body_bytes)
+    assert len(corpus) >= 20
+    seen = {}
+    for name, cid, method, path, headers, body, want in corpus:
+        r = ServeClient(serve_app.url, cid).request(method, path, body, headers)
+        seen[name] = r.status
+        assert 400 <= r.status < 500, (name, r.status, r.body)
+        assert isinstance(r.body.get("error"), str) and r.body.get("message"), (name, r.body)
+        assert r.status == want, (name, r.status, r.body)
+    assert state(serve_app, "corpus") == before           # same n_queries, counter, version, time
+    assert state(serve_app, "corpus-fresh") is None        # a refused first query creates no state
+    assert serve_app.client("corpus").predict(x[1]).status == 200
+
+
+def test_32_concurrent_requests_of_one_client_count_exactly(serve_app, serve_artifacts):
+    cfg, bundle = serve_artifacts
+    rng = np.random.default_rng(1)
+    distinct = [rng.random((1, 32, 32)).astype(np.float32) for _ in range(32)]
+    same = faces(bundle)[0][5]
+    with ThreadPoolExecutor(32) as pool:
+        a = list(pool.map(lambda im: serve_app.client("burst-distinct").predict(im).status, distinct))
+        b = list(pool.map(lambda im: serve_app.client("burst-same").predict(im).status, [same] * 32))
+    assert a == [200] * 32
+    st = state(serve_app, "burst-distinct")
+    assert st["n_queries"] == 32 and st["count"] == 0 and st["version"] == 32
+    # Identical queries: Algorithm 2 serves the first three (counter 0, 1, 3) and blocks
+    # at the fourth (counter 6 -> capped at L_sp=4); lost updates would serve more.
+    assert sorted(b) == [200] * 3 + [403] * 29
+    st = state(serve_app, "burst-same")
+    assert st["n_queries"] == 32 and st["count"] == cfg.filter.l_sp and st["blocked"]
+
+
+def test_blocked_client_stays_blocked_after_actor_kill_and_app_restart(serve_app, serve_artifacts, ray_session):
+    ray = ray_session
+    from ray import serve as rserve
+    from conftest import SERVE_APP
+    _, bundle = serve_artifacts
+    x, _ = faces(bundle)
+    frank = serve_app.client("frank")
+    assert [frank.predict(img).status for img in x[20:23]] == [200] * 3
+    eve = serve_app.client("eve")
+    assert [eve.predict(x[7]).status for _ in range(5)] == [200, 200, 200, 403, 403]
+    n = serve_app.cfg.serve.shards
+    shards = dict(serve_app.shard_actors())
+    name = list(shards)[shard_of("eve", n)]
+    pid = ray.get(shards[name].ping.remote())["pid"]
+    ray.kill(shards[name])                                 # for good: the replica re-creates it
+    assert eve.predict(x[8]).status == 403
+    assert ray.get(dict(serve_app.shard_actors())[name].ping.remote())["pid"] != pid
+    ray.kill(dict(serve_app.shard_actors())[name], no_restart=False)   # a crash: Ray restarts it
+    assert eve.predict(x[9]).status == 403
+    # the whole app: delete it, kill every shard actor, deploy again
+    rserve.delete(SERVE_APP)
+    for _, h in serve_app.shard_actors():
+        ray.kill(h)
+    serve_app.deploy()
+    assert eve.predict(x[10]).status == 403
+    st = state(serve_app, "eve")
+    assert st["blocked"] and st["n_queries"] == 8
+    assert state(serve_app, "frank")["n_queries"] == 3     # every other client's state is back too
+    assert frank.predict(x[23]).status == 200
+    r = serve_app.admin("POST", "/admin/clients/eve/unblock")
+    assert r.status == 200 and r.body["unblocked"] and not r.body["blocked"]
+    assert eve.predict(x[11]).status == 200
+
+
+def test_admin_endpoints_api_keys_and_labels_only(serve_app, serve_artifacts, tmp_path):
+    _, bundle = serve_artifacts
+    x, _ = faces(bundle)
+    zed = serve_app.client("zed")
+    assert [zed.predict(x[30]).status for _ in range(4)] == [200, 200, 200, 403]
+    assert serve_app.client("yan").predict(x[31]).status == 200
+    r = serve_app.admin("GET", "/admin/clients")
+    assert r.status == 200 and "zed" in r.body["blocked"] and "yan" not in r.body["blocked"]
+    assert serve_app.admin("GET", "/admin/clients/nobody").status == 404
+    info = serve_app.admin("GET", "/admin/info")
+    assert info.status == 200 and info.body["plan"]["alpha"] == 0.5 and info.body["plan"]["variant"] == "calibrated"
+    keys = tmp_path / "keys.yaml"
+    keys.write_text("key-of-alice-123: alice\nkey-of-bob-4567: bob\n")
+    original = serve_app.cfg
+    cfg = config_from_dict(original.to_dict())
+    cfg.serve.api_keys_file, cfg.serve.labels_only = str(keys), True
+    try:
+        serve_app.deploy(cfg)
+        r = serve_app.client(api_key="key-of-bob-4567").predict(x[3], top_k=3)
+        assert r.status == 200 and set(r.body) == {"label"}     # labels-only mode wins over top_k
+        assert state(serve_app, "bob")["n_queries"] == 1         # identity came from the key
+        assert serve_app.client("bob").predict(x[3]).status == 401              # X-Client-Id is not enough
+        assert serve_app.client(api_key="wrong-key-000").predict(x[3]).status == 401
+        assert state(serve_app, "bob")["n_queries"] == 1
+    finally:
+        serve_app.deploy(original)
+
+
+# ----------------------------------------------------------------------------- fail fast, plan
+
+def test_serve_run_without_artifacts_fails_fast_with_one_message(tmp_path):
+    serve_bin = Path(sys.executable).with_name("serve")
+    p = subprocess.run([str(serve_bin), "run", "serve.app", "preset=smoke", f"run.out_root={tmp_path}"], cwd=ROOT,
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2, p.stderr
+    assert "Traceback" not in p.stderr and "Traceback" not in p.stdout
+    err = [ln for ln in p.stderr.splitlines() if ln.startswith("error:")]
+    assert len(err) == 1 and "make demo ARGS='--preset smoke'" in err[0] and "make serve" in err[0]
+
+
+def test_alpha_and_variant_come_from_the_recommendation(serve_artifacts, tmp_path):
+    base, _ = serve_artifacts
+    rec = tmp_path / "alpha_sweep" / "recommendation.json"
+    rec.parent.mkdir()
+    cfg = config_from_dict(base.to_dict())
+    cfg.serve.alpha, cfg.serve.variant, cfg.serve.recommendation = None, "auto", str(rec)
+    with pytest.raises(ServeSetupError, match="does not exist"):
+        resolve_plan(cfg, "smoke")
+    rec.write_text(json.dumps({"variants": {
+        "paper": {"alpha": 0.9, "mia_success_top5": 0.6, "accuracy": 1.0},
+        "calibrated": {"alpha": 0.35, "mia_success_top5": 0.3, "accuracy": 1.0}}}))
+    plan = resolve_plan(cfg, "smoke")
+    assert (plan.variant, plan.alpha, plan.alpha_source) == ("calibrated", 0.35, str(rec.resolve()))
+    cfg.serve.variant = "paper"                          # its R_dmy was never trained here
+    with pytest.raises(ServeSetupError, match=r"dummy model R_dmy \(paper\).*make demo ARGS='--preset smoke'"):
+        resolve_plan(cfg, "smoke")
+    cfg.serve.variant = "calibrated"
+    other = config_from_dict(base.to_dict())
+    other.target.epochs += 1                             # the sweep ran on other models
+    save_config(other, rec.parent / "config.yaml")
+    with pytest.raises(ServeSetupError, match="computed for other models"):
+        resolve_plan(cfg, "smoke")
+    cfg.serve.alpha = 0.2                                # an explicit alpha needs no recommendation
+    assert resolve_plan(cfg, "smoke").alpha == 0.2
+
+
+# ----------------------------------------------------------------------------- filter-state store
+
+def test_filter_state_store_persists_replays_and_stays_exact(tmp_path):
+    p = FilterParams()
+    path = tmp_path / "state.sqlite"
+    a, b = FilterStateStore(path, p), FilterStateStore(path, p)     # two holders of one file
+    img = np.full((1, 32, 32), 0.25, np.float32)
+    v1 = a.check("c", img, "req-1")
+    assert v1["safe"] and not v1["replayed"] and v1["n_queries"] == 1
+    assert a.check("c", img, "req-1") == {**v1, "replayed": True}   # a retried request counts once
+    assert b.check("c", img, "req-2")["count"] == 1                  # b sees a's write
+    assert a.check("c", img, "req-3")["count"] == 3                  # a notices b's write (stale cache)
+    with pytest.raises(FilterInputError):
+        a.check("c", np.full((1, 32, 32), np.nan, np.float32), "req-4")
+    assert a.get("c")["n_queries"] == 3 and a.get("c")["version"] == 3
+    assert not a.check("c", img, "req-5")["safe"]
+    a.close()
+    b.close()
+    c = FilterStateStore(path, p)                                    # reopened: still blocked
+    assert c.get("c")["blocked"] and not c.check("c", np.random.rand(1, 32, 32).astype(np.float32))["safe"]
+    assert c.reset("c")["blocked"] is False and c.check("c", img)["safe"]
+    c.close()
+    with pytest.raises(ConfigError, match="other filter parameters"):
+        FilterStateStore(path, FilterParams(l_sp=8))
