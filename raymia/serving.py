@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import dataclasses
 import hashlib
 import hmac
@@ -338,11 +339,12 @@ def check_array(a: np.ndarray, spec: InputSpec) -> np.ndarray:
     """Validate an image array and return it as float32 (C, H, W)."""
     if a.dtype.kind not in "iuf":
         raise RequestError(422, "bad_values", "image values must be numbers (no strings, booleans or nulls)")
+    given = list(a.shape)
     if a.ndim == 2 and spec.channels == 1:
         a = a[None]
     if tuple(a.shape) != spec.shape:
-        raise RequestError(422, "bad_shape", f"image has shape {list(a.shape)}; this model takes {spec.describe()}"
-                           + (" or [H, W]" if spec.channels == 1 else ""))
+        raise RequestError(422, "bad_shape", f"image has shape {given}; this model takes {spec.describe()}"
+                           + (f" (or [{spec.height}, {spec.width}])" if spec.channels == 1 else ""))
     a = a.astype(np.float64, copy=False)
     if not np.isfinite(a).all():
         raise RequestError(422, "not_finite", "image contains NaN or infinite values")
@@ -498,23 +500,39 @@ class StateConflict(RuntimeError):
     """A client's stored state changed under us (another holder of the store wrote it)."""
 
 
+@dataclass
+class _Entry:
+    version: int
+    state: Any
+    seq: int          # queries logged for this client so far
+    snap_seq: int     # seq covered by the stored snapshot
+
+
 class FilterStateStore:
-    """Per-client :class:`~raymia.defenses.filter.ClientFilterState` in one SQLite file.
+    """Per-client :class:`~raymia.defenses.filter.ClientFilterState` in one SQLite file (WAL).
+
+    Each client has a snapshot (``ClientFilterState.to_bytes``) and an append-only log of
+    the queries checked since (one image each); loading replays the log on the snapshot
+    through ``check`` (deterministic), then restores the stored counter and query count,
+    so a block is never lost.  A new snapshot is written every ``snapshot_every`` logged
+    queries (default N_B), which keeps writes at about one image per query instead of the
+    whole buffer.  Queries of an already blocked client change only its query count.
 
     ``check(client, image, request_id)`` loads the client's state (from the in-memory cache
-    when its stored version is unchanged), runs the filter, and writes the new state in
-    one transaction that succeeds only if the stored version is still the one it read
-    (otherwise it reloads and checks again).  Writes happen before the verdict is returned,
-    so a killed holder never loses a counted query.  The verdict of each request id is kept
-    for ``request_ttl_s``: a retried request gets the same verdict without counting twice.
-    A refused input (:class:`~raymia.defenses.filter.FilterInputError`) changes nothing.
-    The filter parameters are stored with the states; opening the file with other
-    parameters is refused (the stored buffers and counters were built under the old ones).
+    when its stored version is unchanged), runs the filter, and writes in one transaction
+    that succeeds only if the stored version is still the one it read (otherwise it
+    reloads and checks again), before returning: a killed holder never loses a counted
+    query, and any number of processes may hold the store.  The verdict of each request
+    id is kept for ``request_ttl_s``: a retried request gets the same verdict without
+    counting twice.  A refused input (:class:`~raymia.defenses.filter.FilterInputError`)
+    changes nothing.  The filter parameters are stored in the file; opening it with
+    other parameters is refused (its buffers and counters were built under the old ones).
     """
 
-    def __init__(self, path, params, request_ttl_s: float = 600.0):
+    def __init__(self, path, params, request_ttl_s: float = 600.0, snapshot_every: Optional[int] = None):
         from .defenses.filter import ClientFilterState
         self.path, self.params, self.ttl = Path(path), params, float(request_ttl_s)
+        self.snapshot_every = int(snapshot_every or params.n_b)
         self._cls = ClientFilterState
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.db = sqlite3.connect(str(self.path), timeout=30.0, isolation_level=None, check_same_thread=False)
@@ -522,20 +540,21 @@ class FilterStateStore:
         self.db.execute("PRAGMA synchronous=NORMAL")
         self.db.executescript(
             "CREATE TABLE IF NOT EXISTS clients (client_id TEXT PRIMARY KEY, version INTEGER NOT NULL, "
-            "blocked INTEGER NOT NULL, count INTEGER NOT NULL, n_queries INTEGER NOT NULL, state BLOB NOT NULL, "
-            "updated REAL NOT NULL);"
-            "CREATE TABLE IF NOT EXISTS requests (request_id TEXT PRIMARY KEY, client_id TEXT NOT NULL, "
-            "verdict TEXT NOT NULL, created REAL NOT NULL);"
+            "blocked INTEGER NOT NULL, count INTEGER NOT NULL, n_queries INTEGER NOT NULL, seq INTEGER NOT NULL, "
+            "snap_seq INTEGER NOT NULL, snapshot BLOB NOT NULL, updated REAL NOT NULL);"
+            "CREATE TABLE IF NOT EXISTS log (client_id TEXT NOT NULL, seq INTEGER NOT NULL, c INTEGER NOT NULL, "
+            "h INTEGER NOT NULL, w INTEGER NOT NULL, image BLOB NOT NULL, PRIMARY KEY (client_id, seq)) WITHOUT ROWID;"
+            "CREATE TABLE IF NOT EXISTS requests (request_id TEXT PRIMARY KEY, verdict TEXT NOT NULL, "
+            "created REAL NOT NULL);"
             "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);")
         self._check_params()
-        self.cache: dict[str, tuple[int, Any]] = {}
+        self.cache: dict[str, _Entry] = {}
         self.lock = threading.Lock()
         self.writes = 0
 
     def _check_params(self) -> None:
         mine = json.dumps(dataclasses.asdict(self.params), sort_keys=True)
-        self.db.execute("BEGIN IMMEDIATE")
-        try:
+        with self._tx():
             row = self.db.execute("SELECT value FROM meta WHERE key='filter_params'").fetchone()
             if row is None:
                 self.db.execute("INSERT INTO meta VALUES ('filter_params', ?)", (mine,))
@@ -544,25 +563,38 @@ class FilterStateStore:
                     f"the filter state file {self.path} was written with other filter parameters ({row[0]}) than "
                     f"this app's ({mine}); keep the old parameters, or set serve.state_path to a new file "
                     "(the old file keeps its clients' blocks)")
-            self.db.execute("COMMIT")
+
+    @contextlib.contextmanager
+    def _tx(self):
+        self.db.execute("BEGIN IMMEDIATE")
+        try:
+            yield
         except BaseException:
             self.db.execute("ROLLBACK")
             raise
+        self.db.execute("COMMIT")
 
     # -- reading
-    def _load(self, client_id: str):
+    def _load(self, client_id: str) -> _Entry:
         row = self.db.execute("SELECT version FROM clients WHERE client_id=?", (client_id,)).fetchone()
-        version = row[0] if row else 0
         hit = self.cache.get(client_id)
-        if hit is not None and hit[0] == version:
-            return version, hit[1]
+        if hit is not None and hit.version == (row[0] if row else 0):
+            return hit
         if row is None:
-            st = self._cls(self.params)
+            e = _Entry(0, self._cls(self.params), 0, 0)
         else:
-            blob = self.db.execute("SELECT state FROM clients WHERE client_id=?", (client_id,)).fetchone()[0]
+            version, count, nq, seq, snap_seq, blob = self.db.execute(
+                "SELECT version, count, n_queries, seq, snap_seq, snapshot FROM clients WHERE client_id=?",
+                (client_id,)).fetchone()
             st = self._cls.from_bytes(bytes(blob))
-        self.cache[client_id] = (version, st)
-        return version, st
+            for c, h, w, img in self.db.execute("SELECT c, h, w, image FROM log WHERE client_id=? AND seq>? "
+                                                "ORDER BY seq", (client_id, snap_seq)):
+                if not st.blocked:
+                    st.check(np.frombuffer(img, dtype="<f4").reshape(c, h, w))
+            st.count, st.n_queries = int(count), int(nq)     # the stored counters are the truth
+            e = _Entry(int(version), st, int(seq), int(snap_seq))
+        self.cache[client_id] = e
+        return e
 
     @staticmethod
     def describe(st) -> dict:
@@ -573,9 +605,9 @@ class FilterStateStore:
             row = self.db.execute("SELECT version, updated FROM clients WHERE client_id=?", (client_id,)).fetchone()
             if row is None:
                 return None
-            _, st = self._load(client_id)
-            return {"client_id": client_id, **self.describe(st), "version": row[0], "updated": row[1],
-                    "limit": int(self.params.l_sp), "buffer_size": int(self.params.n_b)}
+            e = self._load(client_id)
+            return {"client_id": client_id, **self.describe(e.state), "version": row[0], "updated": row[1],
+                    "buffered": len(e.state), "limit": int(self.params.l_sp), "buffer_size": int(self.params.n_b)}
 
     def blocked_clients(self, limit: int = 1000) -> list[str]:
         with self.lock:
@@ -584,32 +616,46 @@ class FilterStateStore:
         return [r[0] for r in rows]
 
     # -- writing
-    def _write(self, client_id: str, version: int, st, request_id: Optional[str], verdict: dict) -> int:
-        blob, now = st.to_bytes(), time.time()
-        vals = (int(st.blocked), int(st.count), int(st.n_queries), sqlite3.Binary(blob), now)
-        self.db.execute("BEGIN IMMEDIATE")
+    def _write(self, client_id: str, e: _Entry, st, image: Optional[np.ndarray], snapshot: bool,
+               request_id: Optional[str], verdict: dict) -> None:
+        """Store the state after one change: the logged query (``image``; None when nothing
+        but the counters changed) or a new snapshot."""
+        now = time.time()
+        snapshot = snapshot or e.version == 0       # a new client starts with a snapshot
+        seq = e.seq + (1 if image is not None or snapshot else 0)
+        snap_seq = seq if snapshot else e.snap_seq
+        counters = (int(st.blocked), int(st.count), int(st.n_queries), seq, snap_seq)
         try:
-            if version == 0:
-                cur = self.db.execute("INSERT INTO clients VALUES (?, 1, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
-                                      (client_id, *vals))
-            else:
-                cur = self.db.execute("UPDATE clients SET version=version+1, blocked=?, count=?, n_queries=?, "
-                                      "state=?, updated=? WHERE client_id=? AND version=?", (*vals, client_id, version))
-            if cur.rowcount != 1:
-                raise StateConflict(client_id)
-            if request_id is not None:
-                self.db.execute("INSERT OR REPLACE INTO requests VALUES (?, ?, ?, ?)",
-                                (request_id, client_id, json.dumps(verdict), now))
-            self.db.execute("COMMIT")
+            with self._tx():
+                if e.version == 0:
+                    cur = self.db.execute("INSERT INTO clients VALUES (?, 1, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
+                                          (client_id, *counters, sqlite3.Binary(st.to_bytes()), now))
+                elif snapshot:
+                    cur = self.db.execute("UPDATE clients SET version=version+1, blocked=?, count=?, n_queries=?, seq=?, "
+                                          "snap_seq=?, snapshot=?, updated=? WHERE client_id=? AND version=?",
+                                          (*counters, sqlite3.Binary(st.to_bytes()), now, client_id, e.version))
+                else:
+                    cur = self.db.execute("UPDATE clients SET version=version+1, blocked=?, count=?, n_queries=?, seq=?, "
+                                          "snap_seq=?, updated=? WHERE client_id=? AND version=?",
+                                          (*counters, now, client_id, e.version))
+                if cur.rowcount != 1:
+                    raise StateConflict(client_id)
+                if snapshot or e.version == 0:
+                    self.db.execute("DELETE FROM log WHERE client_id=? AND seq<=?", (client_id, seq))
+                elif image is not None:
+                    c, h, w = image.shape
+                    self.db.execute("INSERT INTO log VALUES (?, ?, ?, ?, ?, ?)",
+                                    (client_id, seq, c, h, w, sqlite3.Binary(image.astype("<f4").tobytes())))
+                if request_id is not None:
+                    self.db.execute("INSERT OR REPLACE INTO requests VALUES (?, ?, ?)",
+                                    (request_id, json.dumps(verdict), now))
         except BaseException:
-            self.db.execute("ROLLBACK")
-            self.cache.pop(client_id, None)
+            self.cache.pop(client_id, None)       # the stored state is the truth
             raise
-        self.cache[client_id] = (version + 1, st)
+        self.cache[client_id] = _Entry(e.version + 1, st, seq, snap_seq)
         self.writes += 1
         if self.writes % 256 == 0:
             self.db.execute("DELETE FROM requests WHERE created < ?", (now - self.ttl,))
-        return version + 1
 
     def check(self, client_id: str, image: np.ndarray, request_id: Optional[str] = None) -> dict:
         """Run Algorithm 2 for one query of ``client_id`` and persist the result; returns
@@ -620,16 +666,19 @@ class FilterStateStore:
                 if row is not None:
                     return {**json.loads(row[0]), "replayed": True}
             for _ in range(5):
-                version, st = self._load(client_id)
+                e = self._load(client_id)
+                st, was_blocked = e.state, e.state.blocked
                 try:
                     r = st.check(image)   # FilterInputError: refused, state unchanged
                 except Exception:
-                    self.cache.pop(client_id, None)   # the stored state is the truth
+                    self.cache.pop(client_id, None)
                     raise
                 verdict = {"safe": bool(r.safe), "blocked": bool(r.blocked), "count": int(r.count),
                            "matches": int(r.matches), "n_queries": int(st.n_queries)}
+                logged = None if was_blocked else np.asarray(image, dtype=np.float32).reshape(st.shape)
+                snapshot = logged is not None and e.seq + 1 - e.snap_seq >= self.snapshot_every
                 try:
-                    self._write(client_id, version, st, request_id, verdict)
+                    self._write(client_id, e, st, logged, snapshot, request_id, verdict)
                 except StateConflict:
                     continue
                 return {**verdict, "replayed": False}
@@ -639,10 +688,10 @@ class FilterStateStore:
         """Operator unblock: the client starts over with an empty buffer and counter."""
         with self.lock:
             for _ in range(5):
-                version, _ = self._load(client_id)
+                e = self._load(client_id)
                 st = self._cls(self.params)
                 try:
-                    self._write(client_id, version, st, None, {})
+                    self._write(client_id, e, st, None, True, None, {})
                 except StateConflict:
                     continue
                 return {"client_id": client_id, **self.describe(st)}

@@ -79,7 +79,11 @@ class RaymiaModel:
                                 status_code=500)
 
     async def route(self, request: Request) -> tuple:
-        path, method = request.url.path.rstrip("/") or "/", request.method
+        path, method = request.url.path, request.method
+        prefix = request.scope.get("root_path") or ""
+        if prefix and path.startswith(prefix):          # app deployed under a route prefix
+            path = path[len(prefix):]
+        path = path.rstrip("/") or "/"
         parts = path.strip("/").split("/")
         if len(parts) >= 3 and parts[:2] == ["admin", "clients"]:
             if len(parts) == 3:

@@ -322,3 +322,23 @@ def test_filter_state_store_persists_replays_and_stays_exact(tmp_path):
     c.close()
     with pytest.raises(ConfigError, match="other filter parameters"):
         FilterStateStore(path, FilterParams(l_sp=8))
+
+
+def test_filter_state_store_snapshot_plus_log_restores_the_exact_state(tmp_path):
+    """Reloading (snapshot + replayed query log) gives the state a never-stopped filter has."""
+    from raymia.defenses.filter import ClientFilterState
+    p = FilterParams(n_b=4, l_sp=50)
+    rng = np.random.default_rng(3)
+    base = rng.random((1, 16, 16)).astype(np.float32)
+    queries = [np.clip(base + rng.normal(0, 1e-4 if i % 3 else 0.2, base.shape), 0, 1).astype(np.float32)
+               for i in range(23)]
+    ref = ClientFilterState(p)
+    store = FilterStateStore(tmp_path / "s.sqlite", p, snapshot_every=5)
+    for i, q in enumerate(queries):
+        want = ref.check(q)
+        got = store.check("k", q, f"r{i}")
+        assert (got["safe"], got["count"], got["matches"]) == (want.safe, want.count, want.matches)
+        other = FilterStateStore(tmp_path / "s.sqlite", p, snapshot_every=5)     # empty cache: reads the file
+        assert other._load("k").state.to_bytes() == ref.to_bytes()   # buffer, counter, query count: bit for bit
+        other.close()
+    assert ref.count > 0 and not ref.blocked

@@ -1,0 +1,228 @@
+"""Serve benchmark: latency (p50/p99) and throughput (requests/s) over real HTTP of
+
+* ``bare``     -- R_T alone, no filter (serve.model=target, serve.use_filter=false),
+* ``combined`` -- the combined model R' alone, no filter,
+* ``defended`` -- R' behind the per-client similarity filter (the app as shipped),
+
+all three deployed side by side in ONE Ray/Serve instance (one route prefix each) and
+measured in interleaved rounds, so the reported ratios compare like with like on this
+machine.  Each phase: ``--seq`` sequential requests (latency at concurrency 1), then
+``--seconds`` of ``--concurrency`` keep-alive client threads (throughput, and latency
+under load).  Requests are PNG faces of the preset's private set, each with fresh
+uniform noise (+-``--jitter``), one client id per thread: every client sends distinct
+images, like regular users, so the filter's buffers fill up and every check compares
+against N_B buffered images, but nobody is blocked (any 403 is counted and reported).
+
+    python bench/bench_serve.py                     # orl preset (run `make demo` first)
+    python bench/bench_serve.py --preset smoke --set run.out_root=/tmp/x   # needs its artifacts
+
+Writes ``<out>/serve.json`` and ``<out>/serve.md`` (default out: runs/bench).
+"""
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import os
+import socket
+import sys
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import numpy as np  # noqa: E402
+
+from raymia import cli  # noqa: E402
+from raymia.artifacts import write_run_record  # noqa: E402
+from raymia.config import add_cli_args, config_from_dict  # noqa: E402
+from raymia.data import load_bundle  # noqa: E402
+from raymia.distributed import resolve_out_root  # noqa: E402
+from raymia.report import markdown_table  # noqa: E402
+from raymia.serving import encode_png  # noqa: E402
+
+VARIANTS = {  # name -> serve overrides
+    "bare": {"model": "target", "use_filter": False},
+    "combined": {"model": "combined", "use_filter": False},
+    "defended": {"model": "combined", "use_filter": True},
+}
+
+
+def request_bodies(cfg, n: int, jitter: float, seed: int) -> list[bytes]:
+    bundle = load_bundle(cfg.data)
+    faces = np.concatenate([bundle.private_train.x.numpy(), bundle.private_test.x.numpy()])
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(n):
+        img = faces[i % len(faces)] + rng.uniform(-jitter, jitter, faces.shape[1:]).astype(np.float32)
+        out.append(encode_png(np.clip(img, 0.0, 1.0)))
+    return out
+
+
+class Load:
+    """Keep-alive HTTP clients against one route prefix."""
+
+    def __init__(self, port: int, prefix: str, bodies: list[bytes]):
+        self.port, self.prefix, self.bodies = port, prefix, bodies
+        self.next = 0
+        self.lock = threading.Lock()
+
+    def body(self) -> bytes:
+        with self.lock:
+            self.next += 1
+            return self.bodies[self.next % len(self.bodies)]
+
+    def one(self, conn: http.client.HTTPConnection, client_id: str) -> tuple[float, int]:
+        t0 = time.perf_counter()
+        conn.request("POST", f"{self.prefix}/predict", body=self.body(),
+                     headers={"Content-Type": "image/png", "X-Client-Id": client_id})
+        r = conn.getresponse()
+        r.read()
+        return time.perf_counter() - t0, r.status
+
+    def sequential(self, n: int, client_id: str) -> tuple[list, dict]:
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=60)
+        lat, codes = [], {}
+        for _ in range(n):
+            dt, st = self.one(conn, client_id)
+            lat.append(dt)
+            codes[st] = codes.get(st, 0) + 1
+        conn.close()
+        return lat, codes
+
+    def concurrent(self, threads: int, seconds: float, tag: str) -> tuple[list, dict, float]:
+        lat, codes, stop = [], {}, time.perf_counter() + seconds
+        lock = threading.Lock()
+
+        def worker(k: int):
+            conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=60)
+            mine, mc = [], {}
+            while time.perf_counter() < stop:
+                dt, st = self.one(conn, f"{tag}-{k}")
+                mine.append(dt)
+                mc[st] = mc.get(st, 0) + 1
+            conn.close()
+            with lock:
+                lat.extend(mine)
+                for s, c in mc.items():
+                    codes[s] = codes.get(s, 0) + c
+
+        t0 = time.perf_counter()
+        ts = [threading.Thread(target=worker, args=(k,)) for k in range(threads)]
+        for t in ts:
+            t.start()
+        for t in ts:
+            t.join()
+        return lat, codes, time.perf_counter() - t0
+
+
+def pct(xs: list, q: float) -> float:
+    return float(np.percentile(np.asarray(xs) * 1000.0, q)) if xs else float("nan")
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_cli_args(p)
+    p.add_argument("--rounds", type=int, default=3, help="interleaved rounds over the three deployments")
+    p.add_argument("--seq", type=int, default=150, help="sequential requests per phase (latency)")
+    p.add_argument("--seconds", type=float, default=8.0, help="length of each throughput phase")
+    p.add_argument("--concurrency", type=int, default=8, help="client threads in the throughput phase")
+    p.add_argument("--jitter", type=float, default=0.05, help="uniform noise added to each request image")
+    p.add_argument("--out", default=None, help="output directory (default runs/bench)")
+    args = p.parse_args()
+    cfg = cli.config_from_args(args)
+    root = resolve_out_root(cfg)
+    out = Path(args.out).resolve() if args.out else ROOT / "runs" / "bench"
+    out.mkdir(parents=True, exist_ok=True)
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+    import ray
+    from ray import serve as rserve
+    sys.path.insert(0, str(ROOT))
+    from serve import build_app
+
+    state_file = out / "serve_bench_state.sqlite"
+    for suffix in ("", "-wal", "-shm"):
+        Path(str(state_file) + suffix).unlink(missing_ok=True)
+    apps = {}
+    for name, over in VARIANTS.items():
+        c = config_from_dict(cfg.to_dict())
+        for k, v in over.items():
+            setattr(c.serve, k, v)
+        c.serve.state_path = str(state_file)
+        apps[name] = build_app(c, args.preset)          # fails fast (one message) without artifacts
+    bodies = request_bodies(cfg, 600, args.jitter, cfg.run.seed)
+
+    ray.init(address="local", num_cpus=max(4, os.cpu_count() or 1), include_dashboard=False,
+             object_store_memory=256 * 1024 * 1024, log_to_driver=False)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    rserve.start(http_options={"host": "127.0.0.1", "port": port})
+    for name, app in apps.items():
+        rserve.run(app, name=name, route_prefix=f"/{name}")
+    loads = {n: Load(port, f"/{n}", bodies) for n in apps}
+    for n, ld in loads.items():                          # warm-up: actors started, buffers full
+        ld.sequential(30, "warmup")
+        ld.concurrent(args.concurrency, 2.0, f"warm-{n}")
+
+    acc = {n: {"seq": [], "load": [], "codes": {}, "n": 0, "t": 0.0} for n in apps}
+    for r in range(args.rounds):
+        order = list(apps) if r % 2 == 0 else list(reversed(list(apps)))
+        for n in order:
+            lat, codes = loads[n].sequential(args.seq, f"seq-{n}")
+            llat, lcodes, dt = loads[n].concurrent(args.concurrency, args.seconds, f"load-{n}")
+            a = acc[n]
+            a["seq"] += lat
+            a["load"] += llat
+            a["n"] += len(llat)
+            a["t"] += dt
+            for cd in (codes, lcodes):
+                for k, v in cd.items():
+                    a["codes"][k] = a["codes"].get(k, 0) + v
+            print(f"[bench_serve] round {r + 1}/{args.rounds} {n:9s} p50 {pct(lat, 50):6.2f} ms  "
+                  f"throughput {len(llat) / dt:6.1f} req/s", flush=True)
+    rserve.shutdown()
+    ray.shutdown()
+
+    rows = []
+    for n, a in acc.items():
+        rows.append({"deployment": n, "p50_ms": pct(a["seq"], 50), "p99_ms": pct(a["seq"], 99),
+                     "req_per_s": a["n"] / a["t"], "p50_load_ms": pct(a["load"], 50),
+                     "p99_load_ms": pct(a["load"], 99), "requests": len(a["seq"]) + a["n"],
+                     "non_200": sum(v for k, v in a["codes"].items() if k != 200)})
+    by = {r["deployment"]: r for r in rows}
+    d, b, c = by["defended"], by["bare"], by["combined"]
+    summary = {
+        "defense_added_p50_ms": d["p50_ms"] - b["p50_ms"],
+        "defended_throughput_vs_bare": d["req_per_s"] / b["req_per_s"],
+        "filter_added_p50_ms": d["p50_ms"] - c["p50_ms"],
+        "filter_throughput_vs_combined": d["req_per_s"] / c["req_per_s"],
+        "goal": "defense adds <= 2 ms at p50 and keeps >= 80% of bare throughput",
+    }
+    summary["goal_met"] = summary["defense_added_p50_ms"] <= 2.0 and summary["defended_throughput_vs_bare"] >= 0.8
+    fp = config_from_dict(cfg.to_dict()).filter
+    meta = {"preset": args.preset, "rounds": args.rounds, "seq": args.seq, "seconds": args.seconds,
+            "concurrency": args.concurrency, "jitter": args.jitter, "cpus": os.cpu_count(),
+            "filter": {"n_b": fp.n_b, "t_ssim": fp.t_ssim, "t_hash": fp.t_hash, "l_sp": fp.l_sp},
+            "serve": {k: getattr(cfg.serve, k) for k in ("shards", "batch_size", "batch_wait_ms", "replicas",
+                                                          "replica_cpus", "torch_threads")},
+            "image_shape": list(load_bundle(cfg.data).private_train.x.shape[1:])}
+    (out / "serve.json").write_text(json.dumps({"rows": rows, "summary": summary, "meta": meta}, indent=2))
+    write_run_record(out / "serve_run", cfg, {"bench": "serve", **meta})
+    import pandas as pd
+    md = markdown_table(pd.DataFrame(rows).round(2))
+    lines = [md, "",
+             f"defense (R' + filter) vs bare R_T: +{summary['defense_added_p50_ms']:.2f} ms at p50, "
+             f"{summary['defended_throughput_vs_bare']:.0%} of bare throughput; filter alone vs R': "
+             f"+{summary['filter_added_p50_ms']:.2f} ms at p50, {summary['filter_throughput_vs_combined']:.0%} "
+             f"of its throughput. Goal (<= 2 ms, >= 80%): {'met' if summary['goal_met'] else 'NOT met'}."]
+    (out / "serve.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    print(f"[bench_serve] outputs: {out / 'serve.json'}, {out / 'serve.md'}")
+
+
+if __name__ == "__main__":
+    cli.run_main(main)
