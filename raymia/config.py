@@ -104,6 +104,30 @@ class DummyCfg:
 
 
 @dataclass
+class SearchCfg:
+    """Defense search (jobs/defense_search.py): Tune search space, budget and final check."""
+    num_samples: int = 12            # Tune trials (defense configurations) to try
+    max_concurrent: int = 0          # 0 = as many as the cluster's CPUs/GPUs allow
+    alphas: list = field(default_factory=lambda: [1.0, 0.5, 0.25, 0.1])
+    searcher: str = "optuna"         # optuna (TPE) | random
+    # search space: [low, high] ranges (log scale for the *_log ranges) and choices
+    sigma_tilde2_log: list = field(default_factory=lambda: [0.02, 0.5])
+    sigma2: list = field(default_factory=lambda: [0.5, 1.5])
+    m: list = field(default_factory=lambda: [20, 100])
+    calib_weight_log: list = field(default_factory=lambda: [0.1, 10.0])
+    epochs: list = field(default_factory=lambda: [5, 20])
+    anchors_per_class: list = field(default_factory=lambda: [1, 3])
+    anchor_choices: list = field(default_factory=lambda: ["random", "far"])
+    rules: list = field(default_factory=lambda: ["linear", "gated"])
+    gate_tau: list = field(default_factory=lambda: [0.2, 0.8])
+    # final check of the recommended defense and the baselines
+    seeds: list = field(default_factory=lambda: [0, 1, 2])
+    eot_samples: int = 4             # adaptive attacker: transforms averaged per step
+    eot_shift: int = 2               # adaptive attacker: max shift in pixels
+    eot_noise: float = 0.03          # adaptive attacker: Gaussian noise std
+
+
+@dataclass
 class CombineCfg:
     """How the released model mixes R_T and R_dmy (not part of R_dmy's training)."""
     rule: str = "linear"         # linear: Eq. 1 | gated: dummy weight (1-alpha)*sigmoid((max R_dmy - tau)/temp)
@@ -197,15 +221,16 @@ class FilterCfg:
     success_conf: float = 0.9     # attack "reached the target": R_T confidence >= this before the block
     # --- the sweep (jobs/filter_sweep.py)
     paper_configs: list = field(default_factory=lambda: [1, 2, 3])   # Table 1 configs always included
-    grid_n_b: list = field(default_factory=lambda: [5, 10, 20])
-    grid_t_ssim: list = field(default_factory=lambda: [0.99, 0.999, 0.9999, 0.99999])
+    grid_n_b: list = field(default_factory=lambda: [10, 20])
+    grid_t_ssim: list = field(default_factory=lambda: [0.9, 0.95, 0.99, 0.999, 0.9999, 0.99999])
     grid_t_hash: list = field(default_factory=lambda: [1.0e-4, 1.0e-3, 1.0e-2])
     grid_l_sp: list = field(default_factory=list)   # empty = Table 1's L_sp for paper_setting
     fpr_target: float = 0.05      # calibration: fewest iterations before detection with FPR <= this
+    ablation_data_range: float = 255.0   # also run Table 1 with SSIM's L set to this on [0,1] images (0 = off)
     # --- beyond the paper: adaptive noise, Sybil attacker, cross-client check
     noise_grid: list = field(default_factory=lambda: [0.0, 3.0e-5, 1.0e-4, 3.0e-4, 1.0e-3, 3.0e-3, 1.0e-2])
-    extra_labels: int = 5         # labels (first N of `labels`) for these experiments, 1 trial each
-    sybil_k: list = field(default_factory=lambda: [1, 2, 4, 8])
+    extra_labels: int = 3         # labels (first N of `labels`) for these experiments, 1 trial each
+    sybil_k: list = field(default_factory=lambda: [1, 4, 16])
     global_size: int = 1000       # cross-client index: last queries of all clients kept
     global_l_sp: int = 0          # cross-client matches before a linked group is blocked; 0 = l_sp
     actors: int = 0               # simulation actors; 0 = one per CPU (or per GPU)
@@ -221,6 +246,7 @@ class Config:
     attacker_gan: GanCfg = field(default_factory=GanCfg)
     dummy: DummyCfg = field(default_factory=DummyCfg)
     combine: CombineCfg = field(default_factory=CombineCfg)
+    search: SearchCfg = field(default_factory=SearchCfg)
     attack: AttackCfg = field(default_factory=AttackCfg)
     sweep: SweepCfg = field(default_factory=SweepCfg)
     resources: ResourcesCfg = field(default_factory=ResourcesCfg)
@@ -378,6 +404,20 @@ def validate(cfg: Config) -> None:
     _check(dm.anchors_per_class >= 1, "dummy.anchors_per_class must be >= 1")
     _check(dm.anchor_choice in ("random", "far"), f"dummy.anchor_choice must be random or far, got {dm.anchor_choice!r}")
     _check(dm.anchor_pool >= 1, "dummy.anchor_pool must be >= 1")
+    se = cfg.search
+    _check(se.num_samples >= 1 and se.max_concurrent >= 0, "search.num_samples must be >= 1, search.max_concurrent >= 0")
+    _check(se.searcher in ("optuna", "random"), f"search.searcher must be optuna or random, got {se.searcher!r}")
+    for key in ("sigma_tilde2_log", "sigma2", "m", "calib_weight_log", "epochs", "anchors_per_class", "gate_tau"):
+        r = getattr(se, key)
+        _check(len(r) == 2 and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in r)
+               and 0 < r[0] <= r[1], f"search.{key} must be [low, high] with 0 < low <= high, got {r!r}")
+    _check(bool(se.anchor_choices) and set(se.anchor_choices) <= {"random", "far"},
+           "search.anchor_choices must be a non-empty subset of [random, far]")
+    _check(bool(se.rules) and set(se.rules) <= {"linear", "gated"}, "search.rules must be a non-empty subset of [linear, gated]")
+    _check(bool(se.seeds) and all(isinstance(v, int) and not isinstance(v, bool) for v in se.seeds),
+           "search.seeds must be a non-empty list of integers")
+    _check(se.eot_samples >= 1 and se.eot_shift >= 0 and se.eot_noise >= 0, "search.eot_*: samples >= 1, shift and noise >= 0")
+    alpha_grid(SweepCfg(alphas=list(se.alphas)))
     cb = cfg.combine
     _check(cb.rule in ("linear", "gated"), f"combine.rule must be linear or gated, got {cb.rule!r}")
     _check(0.0 < cb.gate_tau < 1.0 and cb.gate_temp > 0, "combine.gate_tau must lie in (0, 1) and combine.gate_temp be > 0")
@@ -434,6 +474,7 @@ def _validate_filter(f: "FilterCfg") -> None:
     _check(all(_num(v) and v >= 0 for v in f.grid_t_hash), "filter.grid_t_hash values must be numbers >= 0")
     _check(bool(f.paper_configs) or bool(f.grid_n_b and f.grid_t_ssim and f.grid_t_hash),
            "filter: the sweep needs paper_configs or non-empty grid_n_b, grid_t_ssim and grid_t_hash")
+    _check(f.ablation_data_range >= 0, "filter.ablation_data_range must be >= 0 (0 = off)")
     _check(f.extra_labels >= 0 and f.global_size >= 1 and f.global_l_sp >= 0 and f.actors >= 0,
            "filter.extra_labels, filter.global_l_sp and filter.actors must be >= 0, filter.global_size >= 1")
 

@@ -3,6 +3,7 @@ the training stage as concurrent Ray Tune trials.  Everything else in the librar
 plain torch/numpy; ``jobs/`` and ``serve/`` build on this module."""
 from __future__ import annotations
 
+import json
 import os
 import time
 from pathlib import Path
@@ -122,16 +123,17 @@ def run_training(cfg: Config, kinds: list[str], experiment: str = "train") -> No
 
 # ----------------------------------------------------------------------------- alpha sweep
 
-def make_evaluator_actor(cfg: Config, total_rows: int, done_rows: int, name: str, namespace: str):
+def make_evaluator_actor(cfg: Config, total_rows: int, done_rows: int, name: str, namespace: str,
+                         sweep_anchors: bool = True):
     """The evaluator actor: holds R_E (and the private/anchor features it compares
     against), scores reconstructions as attack workers send them, and keeps the tally
-    behind the sweep's progress line."""
+    behind the progress line.  ``sweep_anchors`` loads the anchors of the α sweep's R_dmy
+    variants; the defense search registers each trial's anchors with ``add_anchors``."""
     import ray
 
     @ray.remote(num_cpus=0)
     class Evaluator:
-        def __init__(self, cfg_dict: dict, total: int, done: int):
-            import torch
+        def __init__(self, cfg_dict: dict, total: int, done: int, with_sweep_anchors: bool):
             from .config import config_from_dict
             from .data import load_bundle
             from .evaluation import ReconstructionScorer
@@ -141,9 +143,11 @@ def make_evaluator_actor(cfg: Config, total_rows: int, done_rows: int, name: str
             set_threads(1)
             re_model, _ = load_classifier(artifact_dir(c, "evaluator"), "cpu")
             bundle = load_bundle(c.data)
-            models = load_sweep_models(c, "cpu")
-            self.scorer = ReconstructionScorer(re_model, bundle.private_train, bundle.private_to_eval,
-                                               models.anchors, "cpu", anchor_labels=models.anchor_labels)
+            self.scorer = ReconstructionScorer(re_model, bundle.private_train, bundle.private_to_eval, device="cpu")
+            if with_sweep_anchors:
+                models = load_sweep_models(c, "cpu")
+                for v, x in models.anchors.items():
+                    self.scorer.add_anchors(v, x, models.anchor_labels[v])
             self.total, self.done, self.start_done = total, done, done
             self.t0 = time.time()
             self.hits: dict = {}
@@ -166,7 +170,11 @@ def make_evaluator_actor(cfg: Config, total_rows: int, done_rows: int, name: str
         def anchor_floor(self, variant):
             return self.scorer.anchor_floor(variant)
 
-    return Evaluator.options(name=name, namespace=namespace).remote(cfg.to_dict(), total_rows, done_rows)
+        def add_anchors(self, key, images, labels):
+            self.scorer.add_anchors(key, images, labels)
+
+    return Evaluator.options(name=name, namespace=namespace).remote(cfg.to_dict(), total_rows, done_rows,
+                                                                    sweep_anchors)
 
 
 def _attack_trial(config: dict) -> None:
@@ -227,3 +235,242 @@ def run_alpha_sweep(cfg: Config, rows_dir: Path, n_private: int, total_rows: int
     if errors:
         raise RuntimeError(f"{len(errors)} attack worker(s) failed; first error: {errors[0]}")
     return floors
+
+
+# ----------------------------------------------------------------------------- filter sweep
+# The similarity filter (raymia.filter_eval): simulation actors run the sessions (units);
+# one Tune trial per (setting, filter configuration) gathers its rows and reports metrics.
+
+def make_filter_actors(cfg_dicts: dict, configs: dict, store_dir: str, n: int, namespace: str) -> tuple[list, list]:
+    """Start ``n`` named simulation actors; returns (names, handles) -- keep the handles
+    alive for as long as the actors are needed.  Each actor holds, per
+    setting, R_T and R_E (loaded on first use), computes a unit once (the rows are
+    written atomically to ``store_dir`` and kept in memory), and answers later requests
+    for any configuration of that unit from memory or disk."""
+    import ray
+    gpus = cluster_gpus()
+
+    @ray.remote(num_cpus=0)
+    class FilterSim:
+        def __init__(self, cfg_dicts: dict, configs: dict, store_dir: str, index: int, n_actors: int):
+            from .config import config_from_dict
+            from .defenses.filter import FilterParams
+            from .sweep import ChunkStore
+            from .training import set_threads
+            self.cfgs = {s: config_from_dict(d) for s, d in cfg_dicts.items()}
+            self.configs = {s: {k: FilterParams(**v) for k, v in c.items()} for s, c in configs.items()}
+            set_threads(max(1, self.cfgs[next(iter(self.cfgs))].run.threads or 1))
+            self.store = ChunkStore(store_dir)
+            self.ctx: dict = {}
+            self.memo: dict = {}
+            self.tag = f"actor {index + 1}/{n_actors}"
+            self.computed = 0
+            self.t0 = time.time()
+
+        def _context(self, setting: str):
+            if setting not in self.ctx:
+                from .filter_eval import SimContext
+                from .training import pick_device
+                cfg = self.cfgs[setting]
+                self.ctx[setting] = SimContext(cfg, pick_device(cfg.run.device))
+            return self.ctx[setting]
+
+        def rows(self, unit: dict, uid: str, config: Optional[str] = None):
+            import pandas as pd
+            from .filter_eval import Unit, run_unit
+            df = self.memo.get(uid)
+            if df is None:
+                path = self.store.dir / f"{uid}.parquet"
+                if path.exists():
+                    df = pd.read_parquet(path)
+                else:
+                    u = Unit(**{**unit, "bank": tuple(unit["bank"])})
+                    t = time.time()
+                    df = run_unit(self._context(u.setting), u, self.configs[u.setting])
+                    self.store.write(uid, df)
+                    self.computed += 1
+                    print(f"[filter_sweep {self.tag}] {u.setting} {u.kind} label={u.label} rep={u.rep} "
+                          f"noise={u.noise:g} k={u.k}: {time.time() - t:.1f}s "
+                          f"({self.computed} computed, {time.time() - self.t0:.0f}s)", flush=True)
+                self.memo[uid] = df
+            return df if config is None else df[df["config"] == config]
+
+    opts = {"namespace": namespace}
+    if gpus:
+        opts["num_gpus"] = min(1.0, gpus / n)
+    names = [f"filter-sim-{i}" for i in range(n)]
+    handles = [FilterSim.options(name=name, **opts).remote(cfg_dicts, configs, store_dir, i, n)
+               for i, name in enumerate(names)]
+    return names, handles
+
+
+def _filter_config_trial(config: dict) -> None:
+    """One Tune trial: one (setting, filter configuration).  Its attack and regular-user
+    sessions run on the simulation actors (concurrently); it reports Eqs. 2-5, the FPR
+    and the iterations before detection."""
+    import pandas as pd
+    import ray
+    from ray import tune
+    from .filter_eval import detection_metrics
+    t = config["trial"]
+    actors = [ray.get_actor(n, namespace=config["namespace"]) for n in config["actors"]]
+    refs = [actors[i % len(actors)].rows.remote(u, uid, t["config"]) for i, u, uid in config["units"][t["setting"]]]
+    df = pd.concat(ray.get(refs), ignore_index=True)
+    m = detection_metrics(df[df["kind"] == "attack"], df[df["kind"] == "user"])
+    tune.report({"setting": t["setting"], "filter_config": t["config"], **m})
+
+
+def run_filter_sweep(cfg: Config, trials: list[dict], units: dict, actors: list[str], namespace: str,
+                     storage: Path) -> list[dict]:
+    """Tune grid over ``trials`` ({setting, config}); ``units[setting]`` lists
+    (route index, unit dict, uid).  Returns each trial's reported metrics."""
+    from ray import tune
+
+    total = len(trials)
+
+    class _Progress(tune.Callback):
+        def __init__(self):
+            self.done, self.t0 = 0, time.time()
+
+        def on_trial_result(self, iteration, trials, trial, result, **info):
+            self.done += 1
+            el = time.time() - self.t0
+            print(f"[filter_sweep] config {self.done}/{total} {result['setting']} {result['filter_config']}: "
+                  f"recall {result['recall']:.2f} FPR {result['fpr']:.2f} "
+                  f"median iters before detection {result['iters_median']:.0f} "
+                  f"(elapsed {el:.0f}s, eta {el / self.done * (total - self.done):.0f}s)", flush=True)
+
+    trainable = tune.with_resources(_filter_config_trial, {"cpu": cfg.resources.cpus_per_trial})
+    tuner = tune.Tuner(
+        trainable,
+        param_space={"trial": tune.grid_search(trials), "units": units, "actors": actors, "namespace": namespace},
+        tune_config=tune.TuneConfig(reuse_actors=True),
+        run_config=tune.RunConfig(name=f"filter_sweep-{int(time.time())}", storage_path=str(storage), verbose=0,
+                                  callbacks=[_Progress()], failure_config=tune.FailureConfig(max_failures=1)),
+    )
+    grid = tuner.fit()
+    errors = [r.error for r in grid if r.error is not None]
+    if errors:
+        raise RuntimeError(f"{len(errors)} filter sweep trial(s) failed; first error: {errors[0]}")
+    from .filter_eval import METRIC_KEYS
+    return [{**r.config["trial"], **{k: r.metrics[k] for k in METRIC_KEYS}} for r in grid]
+
+
+def run_filter_units(units: list, actors: list[str], namespace: str, label: str = "extra") -> list:
+    """Run (route index, unit dict, uid) on the simulation actors; returns their rows
+    (DataFrames) in order, printing progress as units finish."""
+    import ray
+    handles = [ray.get_actor(n, namespace=namespace) for n in actors]
+    refs = [handles[i % len(handles)].rows.remote(u, uid) for i, u, uid in units]
+    pending, t0 = list(refs), time.time()
+    while pending:
+        _, pending = ray.wait(pending, num_returns=1)
+        done = len(refs) - len(pending)
+        el = time.time() - t0
+        print(f"[filter_sweep] {label} units {done}/{len(refs)} (elapsed {el:.0f}s, "
+              f"eta {el / done * len(pending):.0f}s)", flush=True)
+    return ray.get(refs)
+
+
+# ----------------------------------------------------------------------------- defense search
+
+_BASE_CACHE: dict = {}
+
+
+def _search_base(cfg: Config, device):
+    """The shared base models, loaded once per worker process (Tune reuses actors)."""
+    from .search import load_base
+    from .training import artifact_key
+    key = (str(device), json.dumps([artifact_key(cfg, k) for k in ("target", "gan", "attacker_gan")], sort_keys=True),
+           cfg.run.out_root, cfg.run.name)
+    if key not in _BASE_CACHE:
+        _BASE_CACHE.clear()
+        _BASE_CACHE[key] = load_base(cfg, device)
+    return _BASE_CACHE[key]
+
+
+def _defense_trial(config: dict) -> None:
+    """One Tune trial = one defense (and seed, and attacker): trains its R_dmy, then
+    attacks the released model round by round (one restart of every target at every α
+    per round), scoring on the shared evaluator actor; reports the objective after every
+    round with a checkpoint (R_dmy + scored rows) so a restored trial continues."""
+    import tempfile
+
+    import pandas as pd
+    import ray
+    import torch
+    from ray import tune
+    from safetensors.torch import load_file, save_file
+    from .search import PARAM_KEYS, DefenseEvaluator
+    from .training import pick_device, set_threads
+    cfg = config_from_dict(config["cfg"])
+    set_threads(cfg.run.threads)
+    device = pick_device(cfg.run.device)
+    base = _search_base(cfg, device)
+    evaluator = ray.get_actor(config["evaluator"], namespace=config["namespace"])
+    spec = config.get("check") or config          # the final check nests (defense, params, seed, adaptive)
+    params = dict(spec.get("params") or {k: spec[k] for k in PARAM_KEYS if k in spec})
+    key = tune.get_context().get_trial_id()
+    state, rows = None, []
+    ckpt = tune.get_checkpoint()
+    if ckpt is not None:
+        with ckpt.as_directory() as d:
+            t = load_file(str(Path(d) / "dummy.safetensors"))
+            state = {"model": {k[len("model."):]: v for k, v in t.items() if k.startswith("model.")},
+                     "anchor_x": t["anchor_x"], "anchor_y": t["anchor_y"]}
+            rows = [pd.read_parquet(Path(d) / "rows.parquet")]
+    ev = DefenseEvaluator(base, params, spec["seed"], key, bool(spec.get("adaptive", False)),
+                          score=lambda imgs, t, k, a: ray.get(evaluator.score.remote(imgs, t, k, a)),
+                          add_anchors=lambda k, x, y: ray.get(evaluator.add_anchors.remote(k, x, y)),
+                          dummy_state=state)
+    done = 0 if not rows else int(rows[0]["restart"].max()) + 1
+    ev.rows = rows
+    for r in range(done, ev.rounds):
+        ev.run_round(r)
+        with tempfile.TemporaryDirectory() as d:
+            st = ev.dummy_state()
+            save_file({**{f"model.{k}": v.detach().cpu().contiguous() for k, v in st["model"].items()},
+                       "anchor_x": st["anchor_x"].contiguous(), "anchor_y": st["anchor_y"].contiguous()},
+                      str(Path(d) / "dummy.safetensors"))
+            pd.concat(ev.rows, ignore_index=True).drop(columns=["latent"]).to_parquet(Path(d) / "rows.parquet")
+            res = ev.result()
+            print(f"[defense_search] trial {key} round {r + 1}/{ev.rounds}: objective {res['objective']:.3f} "
+                  f"(best alpha {res['best_alpha']})", flush=True)
+            tune.report({"round": r + 1, **res}, checkpoint=tune.Checkpoint.from_directory(d))
+
+
+def run_defense_trials(cfg: Config, param_space: dict, out_dir: Path, name: str, evaluator_name: str,
+                       namespace: str, num_samples: int = 1, search: bool = False):
+    """Run defense trials on Tune (resuming ``out_dir/tune/name`` if it exists).
+    ``search=True`` adds the configured searcher (Optuna TPE or random) and ASHA, which
+    stops a defense after its first rounds when its objective is among the worse half."""
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+    from ray.tune.search import ConcurrencyLimiter
+    storage = Path(out_dir) / "tune"
+    gpu = cfg.resources.gpus_per_trial if cluster_gpus() > 0 else None
+    trainable = tune.with_resources(_defense_trial, trial_resources(cfg, gpu))
+    path = storage / name
+    if tune.Tuner.can_restore(str(path)):
+        print(f"[defense_search] resuming {path}", flush=True)
+        tuner = tune.Tuner.restore(str(path), trainable, resume_unfinished=True, resume_errored=True,
+                                   param_space={**param_space, "evaluator": evaluator_name, "namespace": namespace})
+        return tuner.fit()
+    search_alg = scheduler = None
+    if search:
+        if cfg.search.searcher == "optuna":
+            from ray.tune.search.optuna import OptunaSearch
+            search_alg = OptunaSearch(seed=cfg.run.seed)
+        if cfg.search.max_concurrent and search_alg is not None:
+            search_alg = ConcurrencyLimiter(search_alg, cfg.search.max_concurrent)
+        scheduler = ASHAScheduler(time_attr="round", max_t=cfg.attack.restarts, grace_period=1, reduction_factor=2)
+    tuner = tune.Tuner(
+        trainable,
+        param_space={**param_space, "evaluator": evaluator_name, "namespace": namespace},
+        tune_config=tune.TuneConfig(metric="objective", mode="min", search_alg=search_alg, scheduler=scheduler,
+                                    num_samples=num_samples, reuse_actors=True,
+                                    max_concurrent_trials=cfg.search.max_concurrent or None),
+        run_config=tune.RunConfig(name=name, storage_path=str(storage), verbose=1,
+                                  failure_config=tune.FailureConfig(max_failures=1)),
+    )
+    return tuner.fit()

@@ -93,3 +93,35 @@ def markdown_table(df: pd.DataFrame, floatfmt: str = ".3f") -> str:
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     lines += ["| " + " | ".join(fmt(v) for v in row) + " |" for row in df.itertuples(index=False)]
     return "\n".join(lines)
+
+
+def pareto_plot(points: pd.DataFrame, front: pd.DataFrame, path, acc_rt: float, tolerance: float) -> Path:
+    """Accuracy of R' vs MIA success for every (defense, α) evaluated, the Pareto front,
+    the accuracy floor the search keeps (R_T − tolerance) and the paper's headline point."""
+    fig, ax = plt.subplots(figsize=(7.0, 4.6))
+    styles = {"search": ("tab:gray", "o", 0.45), "check": ("tab:blue", "s", 0.8)}
+    for src, g in points.groupby("source"):
+        color, marker, a = styles.get(src, ("tab:green", "^", 0.7))
+        if src == "check":
+            for d, gd in g.groupby("defense"):
+                c = {"best": "tab:green", "paper": "tab:red", "calibrated": "tab:blue"}.get(d, color)
+                ax.scatter(gd["mia_success_top5"], gd["accuracy"], s=22, marker=marker, color=c, alpha=a,
+                           label=f"check: {d} (per seed, per α)")
+        else:
+            ax.scatter(g["mia_success_top5"], g["accuracy"], s=14, marker=marker, color=color, alpha=a,
+                       label="search trials (per α)")
+    f = front.sort_values("mia_success_top5")
+    ax.step(f["mia_success_top5"], f["accuracy"], where="post", color="k", lw=1.0, label="Pareto front")
+    ax.axhline(acc_rt - tolerance, color="k", ls=":", lw=0.8, label=f"accuracy floor (R_T − {tolerance:.0%})")
+    p = PAPER_DUMMY
+    ax.scatter([p["mia_success_at_recommended"]], [p["accuracy_at_recommended"]], marker="*", s=160,
+               color="goldenrod", zorder=5, label="paper: MIA ≤27% at acc >95% (VGGFace2)")
+    ax.set_xlabel("MIA success (top-5 of R_E, per trial)")
+    ax.set_ylabel("accuracy of R′ on held-out faces")
+    ax.set_xlim(-0.02, 1.02)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
+    return Path(path)

@@ -20,6 +20,12 @@ def orl_smoke():
 
 
 @pytest.fixture(scope="session")
+def smoke_runs(tmp_path_factory):
+    """One results root for the job tests, so the smoke base models are trained once."""
+    return tmp_path_factory.mktemp("smoke_runs")
+
+
+@pytest.fixture(scope="session")
 def ray_session(tmp_path_factory):
     """One local Ray instance for the whole suite (never joins a running cluster)."""
     import ray

@@ -17,10 +17,9 @@ sys.path.insert(0, str(ROOT / "jobs"))
 
 
 @pytest.fixture(scope="module")
-def smoke_sweep(ray_session, tmp_path_factory):
+def smoke_sweep(ray_session, smoke_runs):
     import alpha_sweep
-    root = tmp_path_factory.mktemp("sweep")
-    cfg = load_config("smoke", [f"run.out_root={root}"])
+    cfg = load_config("smoke", [f"run.out_root={smoke_runs}"])
     out = alpha_sweep.run(cfg)
     return cfg, out, alpha_sweep
 

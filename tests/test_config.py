@@ -45,4 +45,4 @@ def test_unknown_preset():
 def test_alpha_grid_default_step():
     cfg = load_config("orl")
     g = alpha_grid(cfg.sweep)
-    assert g[0] == 1.0 and g[-1] == 0.0 and len(g) == 21
+    assert g[0] == 1.0 and g[-1] == 0.0 and len(g) == 11            # orl: step 0.1 (2-core budget)

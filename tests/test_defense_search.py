@@ -1,0 +1,86 @@
+"""The defense search job on the smoke preset: Tune search (Optuna + ASHA) with the attack
+in the loop, the multi-seed check against the naive and the adaptive attacker, outputs,
+and the best defense as a preset the α sweep accepts."""
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+
+from raymia.attacks.adaptive import EOTModel, random_transform
+from raymia.config import load_config
+from raymia.search import apply_params, objective, pareto_front
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "jobs"))
+
+
+def test_apply_params_and_objective():
+    cfg = load_config("smoke")
+    c = apply_params(cfg, {"sigma_tilde2": 0.1, "m": 7.0, "rule": "gated", "anchor_choice": "far"})
+    assert c.dummy.sigma_tilde2 == 0.1 and c.dummy.m == 7 and isinstance(c.dummy.m, int)
+    assert c.combine.rule == "gated" and c.dummy.anchor_choice == "far" and cfg.combine.rule == "linear"
+    with pytest.raises(KeyError, match="unknown defense parameter"):
+        apply_params(cfg, {"lr": 1.0})
+    s = pd.DataFrame({"variant": "x", "alpha": [1.0, 0.5, 0.1], "mia_success_top5": [0.8, 0.3, 0.1],
+                      "ci_low": 0, "ci_high": 1, "mia_best_restart_top5": 0.5, "best_ci_low": 0, "best_ci_high": 1,
+                      "mia_success_top1": 0.1, "accuracy": [0.98, 0.975, 0.5]})
+    o = objective(s, acc_rt=0.98, tolerance=0.01)
+    assert o["feasible"] and o["best_alpha"] == 0.5 and o["objective"] == pytest.approx(0.3)
+    bad = objective(s.assign(accuracy=0.9), acc_rt=0.98, tolerance=0.01)
+    assert not bad["feasible"] and bad["objective"] == pytest.approx(1.07)
+
+
+def test_pareto_front():
+    pts = pd.DataFrame({"mia_success_top5": [0.1, 0.2, 0.3, 0.15], "accuracy": [0.5, 0.9, 0.95, 0.4]})
+    assert pareto_front(pts).index.tolist() == [0, 1, 2]
+
+
+def test_eot_model_averages_transforms():
+    x = torch.rand(3, 1, 8, 8, requires_grad=True)
+    y = random_transform(x, shift=2, noise=0.0)
+    assert y.shape == x.shape
+    y.sum().backward()
+    assert float(x.grad.abs().sum()) > 0
+    const = torch.nn.Module()
+    const.forward = lambda inp, a=None: torch.softmax(inp.flatten(1)[:, :4] * 0 + torch.arange(4.0), 1)
+    eot = EOTModel(const, samples=3)
+    assert torch.allclose(eot(torch.rand(2, 1, 8, 8), torch.tensor([1.0, 0.5])), torch.softmax(torch.arange(4.0), 0).expand(2, 4))
+
+
+@pytest.fixture(scope="module")
+def smoke_search(ray_session, smoke_runs):
+    import defense_search
+    cfg = load_config("smoke", [f"run.out_root={smoke_runs}", "attack.restarts=2"])
+    out = defense_search.run(cfg, "smoke")
+    return cfg, out, defense_search
+
+
+def test_search_outputs(smoke_search):
+    cfg, out, _ = smoke_search
+    for f in ("search_trials.parquet", "check_trials.parquet", "check_summary.csv", "pareto.png",
+              "best_defense.yaml", "search_report.md", "config.yaml", "run.json"):
+        assert (out / f).exists(), f
+    trials = pd.read_parquet(out / "search_trials.parquet")
+    assert len(trials) == cfg.search.num_samples
+    assert trials["round"].between(1, cfg.attack.restarts).all()
+    check = pd.read_csv(out / "check_summary.csv")
+    assert set(check["defense"]) == {"best", "paper", "calibrated"}
+    assert set(check["attacker"]) == {"naive", "adaptive"}
+    assert check["label"].notna().all()
+
+
+def test_best_defense_is_a_preset(smoke_search):
+    cfg, out, _ = smoke_search
+    best = load_config(str(out / "best_defense.yaml"))
+    assert best.data.private_ids == cfg.data.private_ids           # extends the searched preset
+    assert best.sweep.variants == [best.dummy.variant] and best.serve.alpha in cfg.search.alphas
+
+
+def test_rerun_resumes_the_finished_search(smoke_search):
+    cfg, out, job = smoke_search
+    before = pd.read_parquet(out / "search_trials.parquet")
+    job.run(cfg, "smoke")
+    after = pd.read_parquet(out / "search_trials.parquet")
+    assert sorted(after["trial_id"]) == sorted(before["trial_id"])  # restored, not searched again
