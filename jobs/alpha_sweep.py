@@ -24,7 +24,8 @@ from raymia.defenses.dummy import dummy_artifact_dir
 from raymia.distributed import init_ray, resolve_out_root, run_alpha_sweep, run_training
 from raymia.evaluation import accuracy_by_alpha, recommend, summarize
 from raymia.report import PAPER_DUMMY, alpha_sweep_plot, markdown_table, mia_grid
-from raymia.sweep import KEY, ChunkStore, chunk_id, load_sweep_models, plan_chunks, plan_rows, resolve_targets
+from raymia.sweep import (KEY, ChunkStore, chunk_id, load_sweep_models, plan_chunks, plan_rows, resolve_targets,
+                          rows_key)
 from raymia.training import artifact_dir, pick_device
 from train import train_base
 
@@ -74,7 +75,8 @@ def run(cfg, out=None, address=None) -> Path:
 
     rows = plan_rows(cfg, bundle.n_private)
     chunks = plan_chunks(rows, cfg.attack.batch_rows)
-    store = ChunkStore(out / "rows")
+    rows_dir = out / "rows" / rows_key(cfg)
+    store = ChunkStore(rows_dir)
     done = store.done()
     done_rows = sum(len(c) for c in chunks if chunk_id(c) in done)
     print(f"[alpha_sweep] {len(rows)} attack trials ({len(cfg.sweep.variants)} variants x {len(alphas)} alphas x "
@@ -83,7 +85,7 @@ def run(cfg, out=None, address=None) -> Path:
     floors = {}
     if done_rows < len(rows):
         init_ray(cfg, address)
-        floors = run_alpha_sweep(cfg, out / "rows", bundle.n_private, len(rows), done_rows)
+        floors = run_alpha_sweep(cfg, rows_dir, bundle.n_private, len(rows), done_rows)
 
     trials = store.read_all()
     plan_keys = set(map(tuple, rows[KEY].itertuples(index=False)))

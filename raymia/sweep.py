@@ -6,6 +6,7 @@ read).  ``raymia.distributed`` spreads chunks over Ray actors."""
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,6 +43,18 @@ def plan_rows(cfg: Config, n_private: int) -> pd.DataFrame:
     rows = [(v, a, t, r, row_seed(cfg, t, r)) for v in cfg.sweep.variants for r in range(cfg.attack.restarts)
             for t in targets for a in alphas]
     return pd.DataFrame(rows, columns=KEY + ["seed"])
+
+
+def rows_key(cfg: Config) -> str:
+    """Hash of everything that determines a scored row besides its own key: the models
+    attacked and scored (their artifact keys), the attack, and the combination rule.  The
+    sweep keeps its finished chunks under ``rows/<rows_key>/``, so a rerun after any of
+    these changed never reuses stale rows."""
+    d = cfg.to_dict()
+    parts = {k: artifact_dir(cfg, k).name for k in ("target", "evaluator", "attacker_gan")}
+    parts.update({f"dummy-{v}": dummy_artifact_dir(cfg, v).name for v in cfg.sweep.variants})
+    parts.update({"attack": {k: v for k, v in d["attack"].items() if k != "batch_rows"}, "combine": d["combine"]})
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:12]
 
 
 def plan_chunks(rows: pd.DataFrame, batch_rows: int) -> list[pd.DataFrame]:

@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 
 from raymia.config import load_config
-from raymia.sweep import KEY, plan_rows
+from raymia.sweep import KEY, plan_rows, rows_key
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "jobs"))
@@ -62,18 +62,28 @@ def test_calibration_lowers_dummy_confidence_on_real_faces(smoke_sweep):
 
 def test_rerun_resumes_without_duplicates(smoke_sweep):
     cfg, out, job = smoke_sweep
-    shards = sorted((out / "rows").glob("*.parquet"))
+    rows_dir = out / "rows" / rows_key(cfg)
+    shards = sorted(rows_dir.glob("*.parquet"))
     mtimes = {p: p.stat().st_mtime_ns for p in shards}
     # a worker killed mid-chunk: its shard never got written (and a temp file is left behind)
     lost = shards[0]
     lost.unlink()
-    (out / "rows" / f".{lost.stem}.999.tmp").write_bytes(b"half-written")
+    (rows_dir / f".{lost.stem}.999.tmp").write_bytes(b"half-written")
     job.run(cfg)
-    after = sorted((out / "rows").glob("*.parquet"))
+    after = sorted(rows_dir.glob("*.parquet"))
     assert [p.name for p in after] == [p.name for p in shards]
     assert all(p.stat().st_mtime_ns == mtimes[p] for p in after if p != lost)   # only the lost chunk reran
     trials = pd.read_parquet(out / "alpha_trials.parquet")
     assert len(trials) == len(plan_rows(cfg, 5)) and not trials.duplicated(KEY).any()
+
+
+def test_changed_config_never_reuses_rows(smoke_sweep):
+    cfg, _, _ = smoke_sweep
+    same = load_config("smoke", [f"run.out_root={cfg.run.out_root}", "attack.batch_rows=7"])
+    assert rows_key(same) == rows_key(cfg)                       # chunking does not change a row
+    for override in ("attack.iters=50", "dummy.m=3", "combine.rule=gated", "target.epochs=2"):
+        other = load_config("smoke", [f"run.out_root={cfg.run.out_root}", override])
+        assert rows_key(other) != rows_key(cfg), override
 
 
 @pytest.mark.parametrize("job, override, needle", [
