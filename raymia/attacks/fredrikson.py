@@ -23,10 +23,13 @@ class FredriksonResult:
 
 def fredrikson_attack(model: nn.Module, target: int, shape: tuple, iters: int = 200, lr: float = 0.1,
                       noise_std: float = 0.0, x0: Optional[torch.Tensor] = None, seed: int = 0,
-                      gate: Optional[Callable[[torch.Tensor], bool]] = None, device="cpu") -> FredriksonResult:
+                      gate: Optional[Callable[[torch.Tensor], bool]] = None, device="cpu",
+                      observer: Optional[Callable[[int, torch.Tensor, float], None]] = None) -> FredriksonResult:
     """``model(x)`` returns confidence vectors (probabilities) for a batch — wrap a logit
     classifier in :class:`raymia.models.ProbModel`; ``gate(query)`` gets each
-    query image (C, H, W) before the model sees it and returns False to refuse it."""
+    query image (C, H, W) before the model sees it and returns False to refuse it;
+    ``observer(it, x, conf)`` is called after every answered query ``it`` (1-based) with
+    the attacker's updated image ``x`` and the target confidence the query got."""
     g = torch.Generator().manual_seed(seed)
     x = (torch.full(shape, 0.5) if x0 is None else x0.clone().float()).to(device)
     conf_trace, blocked_at, queries = [], None, 0
@@ -43,9 +46,11 @@ def fredrikson_attack(model: nn.Module, target: int, shape: tuple, iters: int = 
         p = model(q[None])
         cost = 1.0 - p[0, target]
         grad, = torch.autograd.grad(cost, q)
-        conf_trace.append(float(p[0, target]))
+        conf_trace.append(float(p[0, target].detach()))
         with torch.no_grad():
             x = (x - lr * grad).clamp_(0.0, 1.0)
+        if observer is not None:
+            observer(it, x.detach(), conf_trace[-1])
     with torch.no_grad():
         p = model(x[None])
     return FredriksonResult(x.cpu(), queries, blocked_at, float(p[0, target]), conf_trace)

@@ -63,6 +63,7 @@ __all__ = [
     "ClientFilterState",
     "GlobalIndex",
     "GlobalResult",
+    "MultiClientFilter",
     "SSIMStack",
     "ssim_batch",
     "mean_hash",
@@ -469,6 +470,18 @@ class FilterParams:
         kw.update(overrides)
         return cls(**kw)
 
+    @classmethod
+    def from_obj(cls, obj: Any, **overrides) -> "FilterParams":
+        """Parameters taken by field name from a mapping or an object with those
+        attributes (e.g. the config's ``filter`` section); missing names keep defaults."""
+        names = [f.name for f in fields(cls)]
+        if isinstance(obj, dict):
+            kw = {n: obj[n] for n in names if n in obj}
+        else:
+            kw = {n: getattr(obj, n) for n in names if hasattr(obj, n)}
+        kw.update(overrides)
+        return cls(**kw)
+
     def to_dict(self) -> dict:
         return asdict(self)
 
@@ -870,3 +883,35 @@ class GlobalIndex:
         self._buckets.setdefault(int(self._bucket_of[slot]), set()).add(slot)
         root = self._find(client)
         return GlobalResult(True, matches, self._gcount[root], False, self._members[root])
+
+
+class MultiClientFilter:
+    """The server side of Algorithm 1 for many clients: one :class:`ClientFilterState`
+    per client id and, optionally, a :class:`GlobalIndex` across clients.  A query is
+    answered only when the client's own filter finds it SAFE and (if enabled) the
+    cross-client check does too."""
+
+    def __init__(self, params: FilterParams, global_size: int = 0, global_l_sp: Optional[int] = None):
+        self.params = params
+        self.clients: Dict[Hashable, ClientFilterState] = {}
+        self.index = GlobalIndex(params, global_size, global_l_sp) if global_size else None
+
+    def state(self, client: Hashable) -> ClientFilterState:
+        st = self.clients.get(client)
+        if st is None:
+            st = self.clients[client] = ClientFilterState(self.params)
+        return st
+
+    def check(self, client: Hashable, img: Any) -> Tuple[bool, str]:
+        """(safe, who refused: "" | "client" | "global")."""
+        st = self.state(client)
+        if not st.check(img).safe:
+            return False, "client"
+        if self.index is not None and not self.index.check(client, img).safe:
+            return False, "global"
+        return True, ""
+
+    def blocked(self, client: Hashable) -> bool:
+        st = self.clients.get(client)
+        own = st is not None and st.blocked
+        return own or (self.index is not None and client in self.index._parent and self.index.blocked(client))
