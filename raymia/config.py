@@ -194,6 +194,7 @@ class ServeCfg:
     replica_cpus: float = 1.0
     replica_gpus: float = 0.0
     torch_threads: int = 1         # torch threads per replica (0 = leave as is)
+    fold_bn: bool = True           # fold BatchNorm into the preceding layers for inference (same outputs up to rounding)
     max_ongoing_requests: int = 64 # per replica
 
 

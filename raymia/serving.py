@@ -88,8 +88,8 @@ def _missing(cfg: Config, what: list[str], where: Path, preset: str) -> ServeSet
     serve_cmd = "make serve" if preset == "orl" else f"make serve ARGS='--preset {preset}' SERVE_ARGS='preset={preset}'"
     return ServeSetupError(
         f"nothing to serve yet: no {', '.join(what)} for run '{cfg.run.name}' under {where}. "
-        f"Create them with `{creation_command(preset)}` (trains the models and runs the alpha sweep; "
-        f"use the same --set overrides as here), or run `{serve_cmd}` to train and serve in one command")
+        f"Create them with `{creation_command(preset)}` (trains the models and runs the alpha sweep), "
+        f"or run `{serve_cmd}` to train and serve in one command")
 
 
 def _pick_variant(rec: dict, path: Path) -> tuple[str, float]:
@@ -171,12 +171,13 @@ def resolve_plan(cfg: Config, preset: str = "orl") -> ServingPlan:
     return ServingPlan(str(target.resolve()), str(dummy.resolve()), variant, float(alpha), source, sp, "combined")
 
 
-def load_serving_model(plan: ServingPlan, device="cpu"):
+def load_serving_model(plan: ServingPlan, device="cpu", fold_bn: bool = False):
     """The released model of ``plan``: :class:`~raymia.defenses.dummy.CombinedModel`
-    (R_T and R_dmy at the plan's alpha) or R_T alone as softmax; returns (model, n_classes,
-    image_shape)."""
+    (R_T and R_dmy at the plan's alpha) or R_T alone as softmax, frozen; with ``fold_bn``
+    its BatchNorms are folded into the preceding layers (inference only).  Returns
+    (model, n_classes, image_shape)."""
     from .defenses.dummy import CombinedModel, load_dummy
-    from .models import ProbModel
+    from .models import ProbModel, fold_batchnorm, freeze
     from .training import load_classifier
     rt, man = load_classifier(plan.target_dir, device)
     if plan.model == "target":
@@ -184,7 +185,8 @@ def load_serving_model(plan: ServingPlan, device="cpu"):
     else:
         dm, _, _ = load_dummy(plan.dummy_dir, device)
         model = CombinedModel(rt, dm, plan.alpha)
-    return model.to(device).eval(), int(man["n_classes"]), tuple(man["image_shape"])
+    model = freeze(model.to(device))
+    return (fold_batchnorm(model) if fold_bn else model), int(man["n_classes"]), tuple(man["image_shape"])
 
 
 def filter_params(cfg: Config):
@@ -530,8 +532,9 @@ class FilterStateStore:
     """
 
     def __init__(self, path, params, request_ttl_s: float = 600.0, snapshot_every: Optional[int] = None):
-        from .defenses.filter import ClientFilterState
+        from .defenses.filter import ClientFilterState, FilterInputError
         self.path, self.params, self.ttl = Path(path), params, float(request_ttl_s)
+        self._input_error = FilterInputError
         self.snapshot_every = int(snapshot_every or params.n_b)
         self._cls = ClientFilterState
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -550,7 +553,7 @@ class FilterStateStore:
         self._check_params()
         self.cache: dict[str, _Entry] = {}
         self.lock = threading.Lock()
-        self.writes = 0
+        self.writes, self._next_prune = 0, 256
 
     def _check_params(self) -> None:
         mine = json.dumps(dataclasses.asdict(self.params), sort_keys=True)
@@ -615,87 +618,99 @@ class FilterStateStore:
                                    (int(limit),)).fetchall()
         return [r[0] for r in rows]
 
-    # -- writing
-    def _write(self, client_id: str, e: _Entry, st, image: Optional[np.ndarray], snapshot: bool,
-               request_id: Optional[str], verdict: dict) -> None:
-        """Store the state after one change: the logged query (``image``; None when nothing
-        but the counters changed) or a new snapshot."""
-        now = time.time()
+    # -- writing: always inside one IMMEDIATE transaction, so nobody else writes meanwhile
+    def _store(self, client_id: str, e: _Entry, st, image: Optional[np.ndarray], snapshot: bool,
+               request_id: Optional[str], verdict: dict, now: float) -> _Entry:
+        """Store the state after one change: the logged query (``image``; None when only
+        the counters changed) or a new snapshot.  Returns the new cache entry."""
         snapshot = snapshot or e.version == 0       # a new client starts with a snapshot
         seq = e.seq + (1 if image is not None or snapshot else 0)
         snap_seq = seq if snapshot else e.snap_seq
         counters = (int(st.blocked), int(st.count), int(st.n_queries), seq, snap_seq)
-        try:
-            with self._tx():
-                if e.version == 0:
-                    cur = self.db.execute("INSERT INTO clients VALUES (?, 1, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
-                                          (client_id, *counters, sqlite3.Binary(st.to_bytes()), now))
-                elif snapshot:
-                    cur = self.db.execute("UPDATE clients SET version=version+1, blocked=?, count=?, n_queries=?, seq=?, "
-                                          "snap_seq=?, snapshot=?, updated=? WHERE client_id=? AND version=?",
-                                          (*counters, sqlite3.Binary(st.to_bytes()), now, client_id, e.version))
-                else:
-                    cur = self.db.execute("UPDATE clients SET version=version+1, blocked=?, count=?, n_queries=?, seq=?, "
-                                          "snap_seq=?, updated=? WHERE client_id=? AND version=?",
-                                          (*counters, now, client_id, e.version))
-                if cur.rowcount != 1:
-                    raise StateConflict(client_id)
-                if snapshot or e.version == 0:
-                    self.db.execute("DELETE FROM log WHERE client_id=? AND seq<=?", (client_id, seq))
-                elif image is not None:
-                    c, h, w = image.shape
-                    self.db.execute("INSERT INTO log VALUES (?, ?, ?, ?, ?, ?)",
-                                    (client_id, seq, c, h, w, sqlite3.Binary(image.astype("<f4").tobytes())))
-                if request_id is not None:
-                    self.db.execute("INSERT OR REPLACE INTO requests VALUES (?, ?, ?)",
-                                    (request_id, json.dumps(verdict), now))
-        except BaseException:
-            self.cache.pop(client_id, None)       # the stored state is the truth
-            raise
-        self.cache[client_id] = _Entry(e.version + 1, st, seq, snap_seq)
+        if e.version == 0:
+            cur = self.db.execute("INSERT INTO clients VALUES (?, 1, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
+                                  (client_id, *counters, sqlite3.Binary(st.to_bytes()), now))
+        elif snapshot:
+            cur = self.db.execute("UPDATE clients SET version=version+1, blocked=?, count=?, n_queries=?, seq=?, "
+                                  "snap_seq=?, snapshot=?, updated=? WHERE client_id=? AND version=?",
+                                  (*counters, sqlite3.Binary(st.to_bytes()), now, client_id, e.version))
+        else:
+            cur = self.db.execute("UPDATE clients SET version=version+1, blocked=?, count=?, n_queries=?, seq=?, "
+                                  "snap_seq=?, updated=? WHERE client_id=? AND version=?",
+                                  (*counters, now, client_id, e.version))
+        if cur.rowcount != 1:
+            raise StateConflict(f"client {client_id!r}: stored version changed inside a write transaction")
+        if snapshot:
+            self.db.execute("DELETE FROM log WHERE client_id=? AND seq<=?", (client_id, seq))
+        elif image is not None:
+            c, h, w = image.shape
+            self.db.execute("INSERT INTO log VALUES (?, ?, ?, ?, ?, ?)",
+                            (client_id, seq, c, h, w, sqlite3.Binary(image.astype("<f4").tobytes())))
+        if request_id is not None:
+            self.db.execute("INSERT OR REPLACE INTO requests VALUES (?, ?, ?)", (request_id, json.dumps(verdict), now))
         self.writes += 1
-        if self.writes % 256 == 0:
-            self.db.execute("DELETE FROM requests WHERE created < ?", (now - self.ttl,))
+        return _Entry(e.version + 1, st, seq, snap_seq)
+
+    def _check_one(self, client_id: str, image, request_id: Optional[str], now: float) -> dict:
+        if request_id is not None:
+            row = self.db.execute("SELECT verdict FROM requests WHERE request_id=?", (request_id,)).fetchone()
+            if row is not None:
+                return {**json.loads(row[0]), "replayed": True}
+        e = self._load(client_id)
+        st, was_blocked = e.state, e.state.blocked
+        r = st.check(image)            # FilterInputError: refused, state unchanged
+        verdict = {"safe": bool(r.safe), "blocked": bool(r.blocked), "count": int(r.count),
+                   "matches": int(r.matches), "n_queries": int(st.n_queries)}
+        logged = None if was_blocked else np.asarray(image, dtype=np.float32).reshape(st.shape)
+        snapshot = logged is not None and e.seq + 1 - e.snap_seq >= self.snapshot_every
+        self.cache[client_id] = self._store(client_id, e, st, logged, snapshot, request_id, verdict, now)
+        return {**verdict, "replayed": False}
+
+    def _batch(self, fn, items) -> list:
+        """Run ``fn(item, now)`` for every item in one transaction (group commit); any
+        failure rolls all of them back and drops their cached states."""
+        with self.lock:
+            touched, out, now = set(), [], time.time()
+            try:
+                with self._tx():
+                    for item in items:
+                        touched.add(item[0])
+                        out.append(fn(item, now))
+            except BaseException:
+                for c in touched:
+                    self.cache.pop(c, None)        # the stored state is the truth
+                raise
+            if self.writes >= self._next_prune:
+                self._next_prune = self.writes + 256
+                self.db.execute("DELETE FROM requests WHERE created < ?", (now - self.ttl,))
+            return out
+
+    def check_many(self, items: Sequence[tuple]) -> list:
+        """Algorithm 2 for several queries ``(client_id, image, request_id)``, in order, and
+        one commit for all; per item its verdict ``{"safe", "blocked", "count", "matches",
+        "n_queries", "replayed"}`` or the :class:`~raymia.defenses.filter.FilterInputError`
+        that refused it (that client's state unchanged)."""
+        def one(item, now):
+            try:
+                return self._check_one(item[0], item[1], item[2], now)
+            except self._input_error as err:
+                return err
+        return self._batch(one, items)
 
     def check(self, client_id: str, image: np.ndarray, request_id: Optional[str] = None) -> dict:
-        """Run Algorithm 2 for one query of ``client_id`` and persist the result; returns
-        ``{"safe", "blocked", "count", "matches", "n_queries", "replayed"}``."""
-        with self.lock:
-            if request_id is not None:
-                row = self.db.execute("SELECT verdict FROM requests WHERE request_id=?", (request_id,)).fetchone()
-                if row is not None:
-                    return {**json.loads(row[0]), "replayed": True}
-            for _ in range(5):
-                e = self._load(client_id)
-                st, was_blocked = e.state, e.state.blocked
-                try:
-                    r = st.check(image)   # FilterInputError: refused, state unchanged
-                except Exception:
-                    self.cache.pop(client_id, None)
-                    raise
-                verdict = {"safe": bool(r.safe), "blocked": bool(r.blocked), "count": int(r.count),
-                           "matches": int(r.matches), "n_queries": int(st.n_queries)}
-                logged = None if was_blocked else np.asarray(image, dtype=np.float32).reshape(st.shape)
-                snapshot = logged is not None and e.seq + 1 - e.snap_seq >= self.snapshot_every
-                try:
-                    self._write(client_id, e, st, logged, snapshot, request_id, verdict)
-                except StateConflict:
-                    continue
-                return {**verdict, "replayed": False}
-            raise StateConflict(f"client {client_id!r}: state kept changing under this store; retry")
+        """One query (see :meth:`check_many`); a refused input raises FilterInputError."""
+        (res,) = self.check_many([(client_id, image, request_id)])
+        if isinstance(res, Exception):
+            raise res
+        return res
 
     def reset(self, client_id: str) -> dict:
         """Operator unblock: the client starts over with an empty buffer and counter."""
-        with self.lock:
-            for _ in range(5):
-                e = self._load(client_id)
-                st = self._cls(self.params)
-                try:
-                    self._write(client_id, e, st, None, True, None, {})
-                except StateConflict:
-                    continue
-                return {"client_id": client_id, **self.describe(st)}
-            raise StateConflict(f"client {client_id!r}: state kept changing under this store; retry")
+        def one(item, now):
+            e, st = self._load(client_id), self._cls(self.params)
+            self.cache[client_id] = self._store(client_id, e, st, None, True, None, {}, now)
+            return {"client_id": client_id, **self.describe(st)}
+        return self._batch(one, [(client_id,)])[0]
 
     def close(self) -> None:
         self.db.close()

@@ -45,14 +45,15 @@ class RaymiaModel:
         self.plan = ServingPlan(**plan_dict)
         set_threads(s.torch_threads)
         self.device = pick_device(self.cfg.run.device)
-        self.model, n_classes, shape = load_serving_model(self.plan, self.device)
+        self.model, n_classes, shape = load_serving_model(self.plan, self.device, s.fold_bn)
         self.spec = InputSpec(shape[0], shape[1], shape[2], n_classes, min(s.top_k, n_classes), s.labels_only)
         self.limit = s.max_body_bytes
         self.admin_digest, self.api_keys = admin_digest, api_keys
         self.filter_params = filter_params
         self.shards = ShardRouter(self.plan.state_path, filter_params, s.shards) if filter_params else None
-        self.infer.set_max_batch_size(s.batch_size)
-        self.infer.set_batch_wait_timeout_s(s.batch_wait_ms / 1000.0)
+        for batched in (self.infer, self.filter_checks):
+            batched.set_max_batch_size(s.batch_size)
+            batched.set_batch_wait_timeout_s(s.batch_wait_ms / 1000.0)
 
     # ------------------------------------------------------------------ model
     @rserve.batch(max_batch_size=16, batch_wait_timeout_s=0.002)
@@ -62,6 +63,12 @@ class RaymiaModel:
         with torch.inference_mode():
             p = self.model(x).float().cpu().numpy()
         return list(p)
+
+    @rserve.batch(max_batch_size=16, batch_wait_timeout_s=0.002)
+    async def filter_checks(self, items: list) -> list:
+        """Filter checks ``(client_id, image, request_id)`` batched like inference: one
+        call (and one commit) per shard for all the queries that arrived together."""
+        return await self.shards.check_many(items)
 
     # ------------------------------------------------------------------ HTTP
     async def __call__(self, request: Request) -> JSONResponse:
@@ -130,7 +137,7 @@ class RaymiaModel:
             return 200, prediction(probs, opts["top_k"], opts["labels_only"])
         # The filter's check and the model run concurrently; the answer is released only
         # after the filter has counted the query and found the client safe.
-        verdict_task = asyncio.ensure_future(self.shards.call(client_id, "check", image, uuid.uuid4().hex))
+        verdict_task = asyncio.ensure_future(self.filter_checks((client_id, image, uuid.uuid4().hex)))
         try:
             probs = await self.infer(image)
         finally:

@@ -40,15 +40,12 @@ class FilterShard:
         if shard_of(client_id, self.n_shards) != self.shard:
             raise ValueError(f"client {client_id!r} does not belong to shard {self.shard}/{self.n_shards}")
 
-    def check(self, client_id: str, image, request_id: Optional[str]) -> dict:
-        """The filter's verdict, or ``{"error": message}`` for an input the filter refuses
-        (state unchanged)."""
-        from raymia.defenses.filter import FilterInputError
-        self._mine(client_id)
-        try:
-            return self.store.check(client_id, image, request_id)
-        except FilterInputError as e:
-            return {"error": str(e)}
+    def check_many(self, items: list) -> list:
+        """Verdicts for ``[(client_id, image, request_id), ...]`` in order, one commit for
+        all; an input the filter refuses gives ``{"error": message}`` (state unchanged)."""
+        for cid, _, _ in items:
+            self._mine(cid)
+        return [{"error": str(r)} if isinstance(r, Exception) else r for r in self.store.check_many(items)]
 
     def inspect(self, client_id: str) -> Optional[dict]:
         self._mine(client_id)
@@ -93,6 +90,21 @@ class ShardRouter:
 
     async def call(self, client_id: str, method: str, *args) -> Any:
         return await self.call_shard(shard_of(client_id, self.n), method, client_id, *args)
+
+    async def check_many(self, items: list) -> list:
+        """Verdicts for ``[(client_id, image, request_id), ...]``: one actor call per shard
+        (concurrently), answers back in the items' order."""
+        groups: dict = {}
+        for k, it in enumerate(items):
+            groups.setdefault(shard_of(it[0], self.n), []).append(k)
+        shards = list(groups)
+        answers = await asyncio.gather(*(self.call_shard(i, "check_many", [items[k] for k in groups[i]])
+                                         for i in shards))
+        out: list = [None] * len(items)
+        for i, ans in zip(shards, answers):
+            for k, a in zip(groups[i], ans):
+                out[k] = a
+        return out
 
     async def ping_all(self) -> list:
         return await asyncio.gather(*(self.call_shard(i, "ping") for i in range(self.n)))
