@@ -10,9 +10,10 @@ Python/numpy/PIL so that it is unit-testable on its own.
   (PNG/JPEG bytes, or JSON with a nested list or base64 PNG/JPEG), every refusal a
   :class:`RequestError` with an HTTP status and a JSON body.
 * :class:`FilterStateStore`: every client's similarity-filter state in one SQLite file
-  (WAL).  Each write is version-checked (optimistic concurrency), so any number of
-  processes can hold the store and the file stays the single source of truth; request
-  ids make a retried check count once.
+  (WAL): a snapshot plus an append-only query log per client, written in one transaction
+  per batch of checks before the verdicts are returned; any number of processes can hold
+  the store and the file stays the single source of truth; request ids make a retried
+  check count once.
 * :class:`ServeClient`, :func:`attack_endpoint`, :func:`regular_user`: HTTP clients
   (stdlib only) for the live endpoint: Fredrikson's attack with noise before every
   query, and a regular user sending distinct images.
@@ -520,15 +521,16 @@ class FilterStateStore:
     queries (default N_B), which keeps writes at about one image per query instead of the
     whole buffer.  Queries of an already blocked client change only its query count.
 
-    ``check(client, image, request_id)`` loads the client's state (from the in-memory cache
-    when its stored version is unchanged), runs the filter, and writes in one transaction
-    that succeeds only if the stored version is still the one it read (otherwise it
-    reloads and checks again), before returning: a killed holder never loses a counted
-    query, and any number of processes may hold the store.  The verdict of each request
-    id is kept for ``request_ttl_s``: a retried request gets the same verdict without
-    counting twice.  A refused input (:class:`~raymia.defenses.filter.FilterInputError`)
-    changes nothing.  The filter parameters are stored in the file; opening it with
-    other parameters is refused (its buffers and counters were built under the old ones).
+    ``check_many([(client, image, request_id), ...])`` runs the queries in order inside one
+    ``BEGIN IMMEDIATE`` transaction (group commit): each loads its client's state (from the
+    in-memory cache when the stored version is unchanged, so another holder's writes are
+    always seen), runs the filter and stores the result; the commit happens before any
+    verdict is returned, so a killed holder never loses a counted query, and any number of
+    processes may hold the store.  The verdict of each request id is kept for
+    ``request_ttl_s``: a retried request gets the same verdict without counting twice.  A
+    refused input (:class:`~raymia.defenses.filter.FilterInputError`) changes nothing.
+    The filter parameters are stored in the file; opening it with other parameters is
+    refused (its buffers and counters were built under the old ones).
     """
 
     def __init__(self, path, params, request_ttl_s: float = 600.0, snapshot_every: Optional[int] = None):

@@ -1,6 +1,7 @@
 """The Ray Serve app over real HTTP on 127.0.0.1 (smoke-preset models), and the Ray-free
 serving pieces: filter-state store, plan resolution, fail-fast without artifacts."""
 import base64
+import http.client
 import io
 import json
 import subprocess
@@ -175,6 +176,12 @@ def test_bad_requests_get_4xx_json_and_leave_state_unchanged(serve_app, serve_ar
         assert 400 <= r.status < 500, (name, r.status, r.body)
         assert isinstance(r.body.get("error"), str) and r.body.get("message"), (name, r.body)
         assert r.status == want, (name, r.status, r.body)
+    conn = http.client.HTTPConnection("127.0.0.1", serve_app.port, timeout=60)   # no Content-Length
+    conn.request("POST", "/predict", body=iter([b" " * 65536] * 32), encode_chunked=True,
+                 headers={"X-Client-Id": "corpus", "Content-Type": "application/json", "Transfer-Encoding": "chunked"})
+    r = conn.getresponse()
+    assert r.status == 413 and json.loads(r.read())["error"] == "payload_too_large"
+    conn.close()
     assert state(serve_app, "corpus") == before           # same n_queries, counter, version, time
     assert state(serve_app, "corpus-fresh") is None        # a refused first query creates no state
     assert serve_app.client("corpus").predict(x[1]).status == 200
