@@ -499,6 +499,21 @@ def shard_of(client_id: str, n_shards: int) -> int:
 
 # ----------------------------------------------------------------------------- filter state
 
+def _pack_image(image: np.ndarray) -> tuple[int, bytes]:
+    """(1, uint8 bytes) when the float32 image is exactly k/255 (a decoded PNG/JPEG: the
+    replay then gives the same bits), else (0, float32 bytes)."""
+    q = np.rint(image * 255.0)
+    if q.min() >= 0 and q.max() <= 255 and np.array_equal(q.astype(np.uint8).astype(np.float32) / 255.0, image):
+        return 1, sqlite3.Binary(q.astype(np.uint8).tobytes())
+    return 0, sqlite3.Binary(image.astype("<f4").tobytes())
+
+
+def _unpack_image(blob: bytes, u8: int, shape: tuple) -> np.ndarray:
+    if u8:
+        return np.frombuffer(blob, dtype=np.uint8).reshape(shape).astype(np.float32) / 255.0
+    return np.frombuffer(blob, dtype="<f4").reshape(shape).astype(np.float32)
+
+
 class StateConflict(RuntimeError):
     """A client's stored state changed under us (another holder of the store wrote it)."""
 
@@ -518,8 +533,9 @@ class FilterStateStore:
     the queries checked since (one image each); loading replays the log on the snapshot
     through ``check`` (deterministic), then restores the stored counter and query count,
     so a block is never lost.  A new snapshot is written every ``snapshot_every`` logged
-    queries (default N_B), which keeps writes at about one image per query instead of the
-    whole buffer.  Queries of an already blocked client change only its query count.
+    queries (default 2 N_B), which keeps writes at about one image per query instead of the
+    whole buffer (an 8-bit image, as PNG/JPEG requests give, is logged as its bytes).
+    Queries of an already blocked client change only its query count.
 
     ``check_many([(client, image, request_id), ...])`` runs the queries in order inside one
     ``BEGIN IMMEDIATE`` transaction (group commit): each loads its client's state (from the
@@ -537,7 +553,7 @@ class FilterStateStore:
         from .defenses.filter import ClientFilterState, FilterInputError
         self.path, self.params, self.ttl = Path(path), params, float(request_ttl_s)
         self._input_error = FilterInputError
-        self.snapshot_every = int(snapshot_every or params.n_b)
+        self.snapshot_every = int(snapshot_every or 2 * params.n_b)
         self._cls = ClientFilterState
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.db = sqlite3.connect(str(self.path), timeout=30.0, isolation_level=None, check_same_thread=False)
@@ -548,7 +564,8 @@ class FilterStateStore:
             "blocked INTEGER NOT NULL, count INTEGER NOT NULL, n_queries INTEGER NOT NULL, seq INTEGER NOT NULL, "
             "snap_seq INTEGER NOT NULL, snapshot BLOB NOT NULL, updated REAL NOT NULL);"
             "CREATE TABLE IF NOT EXISTS log (client_id TEXT NOT NULL, seq INTEGER NOT NULL, c INTEGER NOT NULL, "
-            "h INTEGER NOT NULL, w INTEGER NOT NULL, image BLOB NOT NULL, PRIMARY KEY (client_id, seq)) WITHOUT ROWID;"
+            "h INTEGER NOT NULL, w INTEGER NOT NULL, u8 INTEGER NOT NULL, image BLOB NOT NULL, "
+            "PRIMARY KEY (client_id, seq)) WITHOUT ROWID;"
             "CREATE TABLE IF NOT EXISTS requests (request_id TEXT PRIMARY KEY, verdict TEXT NOT NULL, "
             "created REAL NOT NULL);"
             "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);")
@@ -592,10 +609,10 @@ class FilterStateStore:
                 "SELECT version, count, n_queries, seq, snap_seq, snapshot FROM clients WHERE client_id=?",
                 (client_id,)).fetchone()
             st = self._cls.from_bytes(bytes(blob))
-            for c, h, w, img in self.db.execute("SELECT c, h, w, image FROM log WHERE client_id=? AND seq>? "
-                                                "ORDER BY seq", (client_id, snap_seq)):
+            for c, h, w, u8, img in self.db.execute("SELECT c, h, w, u8, image FROM log WHERE client_id=? AND "
+                                                    "seq>? ORDER BY seq", (client_id, snap_seq)):
                 if not st.blocked:
-                    st.check(np.frombuffer(img, dtype="<f4").reshape(c, h, w))
+                    st.check(_unpack_image(img, u8, (c, h, w)))
             st.count, st.n_queries = int(count), int(nq)     # the stored counters are the truth
             e = _Entry(int(version), st, int(seq), int(snap_seq))
         self.cache[client_id] = e
@@ -645,9 +662,8 @@ class FilterStateStore:
         if snapshot:
             self.db.execute("DELETE FROM log WHERE client_id=? AND seq<=?", (client_id, seq))
         elif image is not None:
-            c, h, w = image.shape
-            self.db.execute("INSERT INTO log VALUES (?, ?, ?, ?, ?, ?)",
-                            (client_id, seq, c, h, w, sqlite3.Binary(image.astype("<f4").tobytes())))
+            u8, blob = _pack_image(image)
+            self.db.execute("INSERT INTO log VALUES (?, ?, ?, ?, ?, ?, ?)", (client_id, seq, *image.shape, u8, blob))
         if request_id is not None:
             self.db.execute("INSERT OR REPLACE INTO requests VALUES (?, ?, ?)", (request_id, json.dumps(verdict), now))
         self.writes += 1

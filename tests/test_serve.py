@@ -339,6 +339,8 @@ def test_filter_state_store_snapshot_plus_log_restores_the_exact_state(tmp_path)
     base = rng.random((1, 16, 16)).astype(np.float32)
     queries = [np.clip(base + rng.normal(0, 1e-4 if i % 3 else 0.2, base.shape), 0, 1).astype(np.float32)
                for i in range(23)]
+    for i in range(0, 23, 4):                            # some 8-bit images (logged as bytes)
+        queries[i] = np.round(queries[i] * 255).astype(np.uint8).astype(np.float32) / 255.0
     ref = ClientFilterState(p)
     store = FilterStateStore(tmp_path / "s.sqlite", p, snapshot_every=5)
     for i, q in enumerate(queries):
