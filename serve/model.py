@@ -101,7 +101,7 @@ class RaymiaModel:
                 return await self.admin_unblock(request, parts[2])
         allowed = ROUTES.get(path)
         if allowed is None:
-            raise RequestError(404, "not_found", f"no route {path!r}; see GET /healthz and POST /predict")
+            raise RequestError(404, "not_found", f"no route {path[:100]!r}; see GET /healthz and POST /predict")
         self._method(method, allowed)
         if path == "/predict":
             return await self.predict(request)
