@@ -69,6 +69,7 @@ def read_rows(store: Path, items: list) -> pd.DataFrame:
 
 
 def main():
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")        # every simulation actor's progress line
     p = cli.parser(__doc__.splitlines()[0])
     p.set_defaults(preset="filter_mnist,filter_orl")
     p.add_argument("--out", default=None, help="output directory (default: <out_root>/filter_sweep)")

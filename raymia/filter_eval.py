@@ -210,15 +210,18 @@ class SimContext:
     """What one setting's simulations need: R_T (attacked, softmax outputs), R_E
     (judges reconstructions), the regular users' image pools and the filter section."""
 
-    def __init__(self, cfg: Config, device="cpu", bundle=None):
+    def __init__(self, cfg: Config, device="cpu", bundle=None, target=None, evaluator=None):
+        """``target`` / ``evaluator``: logit classifiers; loaded from the config's
+        artifacts when not given."""
         from .data import load_bundle
         from .models import ProbModel
         from .training import artifact_dir, load_classifier
         self.cfg, self.fc, self.device = cfg, cfg.filter, torch.device(device)
         b = bundle or load_bundle(cfg.data)
-        rt, _ = load_classifier(artifact_dir(cfg, "target"), self.device)
-        self.target = ProbModel(rt).eval()
-        self.evaluator, _ = load_classifier(artifact_dir(cfg, "evaluator"), self.device)
+        rt = target if target is not None else load_classifier(artifact_dir(cfg, "target"), self.device)[0]
+        self.target = ProbModel(rt.to(self.device)).eval()
+        self.evaluator = (evaluator if evaluator is not None else
+                          load_classifier(artifact_dir(cfg, "evaluator"), self.device)[0]).to(self.device).eval()
         self.private_to_eval = b.private_to_eval
         self.shape = tuple(b.private_train.x.shape[1:])
         self.n_classes = b.n_private
@@ -448,12 +451,13 @@ def _div(a: float, b: float) -> float:
 
 def detection_metrics(attack: pd.DataFrame, users: pd.DataFrame) -> dict:
     """Eqs. 2-5 plus the false-positive rate and iterations before detection."""
-    tp = int(attack["detected"].sum()) if len(attack) else 0
+    det = attack["detected"].astype(bool) if len(attack) else pd.Series(dtype=bool)
+    tp = int(det.sum())
     fn = len(attack) - tp
-    fp = int(users["flagged"].sum()) if len(users) else 0
+    fp = int(users["flagged"].astype(bool).sum()) if len(users) else 0
     tn = len(users) - fp
     prec, rec = _div(tp, tp + fp), _div(tp, tp + fn)
-    it = attack.loc[attack["detected"], "iters_before_detection"] if len(attack) else pd.Series(dtype=float)
+    it = attack.loc[det, "iters_before_detection"] if len(attack) else pd.Series(dtype=float)
     return {"attack_trials": len(attack), "user_trials": len(users), "tp": tp, "fn": fn, "fp": fp, "tn": tn,
             "accuracy": _div(tp + tn, tp + tn + fp + fn), "precision": prec, "recall": rec,
             "f1": _div(2 * prec * rec, prec + rec) if tp else (0.0 if len(attack) else math.nan),
@@ -461,8 +465,8 @@ def detection_metrics(attack: pd.DataFrame, users: pd.DataFrame) -> dict:
             "iters_max": float(it.max()) if len(it) else math.nan,
             "iters_median": float(it.median()) if len(it) else math.nan,
             "iters_min": float(it.min()) if len(it) else math.nan,
-            "reached_target_before_block": float(attack["reached_target"].mean()) if len(attack) else math.nan,
-            "re_top1_at_stop": float(attack["re_top1_at_stop"].mean()) if len(attack) else math.nan}
+            "reached_target_before_block": float(attack["reached_target"].astype(float).mean()) if len(attack) else math.nan,
+            "re_top1_at_stop": float(attack["re_top1_at_stop"].astype(float).mean()) if len(attack) else math.nan}
 
 
 METRIC_KEYS = tuple(detection_metrics(pd.DataFrame({"detected": [True], "iters_before_detection": [1.0],
@@ -525,7 +529,7 @@ def attack_label_table(trials: pd.DataFrame, setting: str, paper_setting: str, n
     ks = sorted(paper_k(c) for c in a["config"].unique() if paper_k(c))
     ref = paper_reference(paper_setting)
     per_label = paper_setting == "mnist"
-    header = ["label", "attempts", "undetected"]
+    header = ["label", "attempts", "undetected (" + "/".join(f"cfg {k}" for k in ks) + ")"]
     for k in ks:
         header += [f"max iter. cfg {k}"] + ([f"paper cfg {k}"] if per_label else [])
     header += ["first query R_T conf ≥ success (median)"]
@@ -533,15 +537,17 @@ def attack_label_table(trials: pd.DataFrame, setting: str, paper_setting: str, n
     for lab, g in a.groupby("label"):
         lab = int(lab)
         g1 = g[g["config"] == paper_name(ks[0])] if ks else g
-        row = [names[lab] if lab < len(names) else str(lab), len(g1), int((~g1["detected"]).sum())]
+        und = [int((~g[g["config"] == paper_name(k)]["detected"].astype(bool)).sum()) for k in ks]
+        row = [names[lab] if lab < len(names) else str(lab), len(g1), "/".join(map(str, und))]
         for k in ks:
             gk = g[g["config"] == paper_name(k)]
-            row.append(_fmt_int(gk["iters_before_detection"].max()) + ("" if gk["detected"].all() else "*"))
+            row.append(_fmt_int(gk["iters_before_detection"].max()) + ("" if gk["detected"].astype(bool).all() else "*"))
             if per_label:
                 row.append(ref[k]["per_label_max"][lab] if lab < 10 else "–")
         row.append(_fmt_int(g1["first_success_query"].median()))
         rows.append(row)
-    tot = ["total", sum(r[1] for r in rows), sum(r[2] for r in rows)]
+    tot = ["total", sum(r[1] for r in rows),
+           "/".join(str(int((~a[a["config"] == paper_name(k)]["detected"].astype(bool)).sum())) for k in ks)]
     for k in ks:
         gk = a[a["config"] == paper_name(k)]
         tot.append(_fmt_int(gk["iters_before_detection"].max()))
@@ -571,13 +577,13 @@ def user_label_table(trials: pd.DataFrame, setting: str, paper_setting: str, nam
         g1 = g[g["config"] == paper_name(ks[0])] if ks else g
         row = [names[lab] if lab < len(names) else str(lab), len(g1), int(g1["n_queries"].median())]
         for k in ks:
-            row.append(int(g[g["config"] == paper_name(k)]["flagged"].sum()))
+            row.append(int(g[g["config"] == paper_name(k)]["flagged"].astype(bool).sum()))
             if per_label:
                 row.append(ref[k]["per_label_fp"][lab] if lab < 10 else "–")
         rows.append(row)
     tot = ["total", sum(r[1] for r in rows), ""]
     for k in ks:
-        tot.append(int(u[u["config"] == paper_name(k)]["flagged"].sum()))
+        tot.append(int(u[u["config"] == paper_name(k)]["flagged"].astype(bool).sum()))
         if per_label:
             tot.append(ref[k]["fp"])
     out = _md(header, rows + [tot])
@@ -625,10 +631,10 @@ def noise_table(trials: pd.DataFrame, setting: str) -> str:
     n = trials[(trials["setting"] == setting) & (trials["kind"] == "noise")]
     rows = []
     for (cfg_name, sigma), g in n.groupby(["config", "noise"], sort=True):
-        rows.append([cfg_name, f"{sigma:g}", f"{int(g['detected'].sum())}/{len(g)}",
+        rows.append([cfg_name, f"{sigma:g}", f"{int(g['detected'].astype(bool).sum())}/{len(g)}",
                      _fmt_int(g["iters_before_detection"].median()), _fmt_int(g["answered"].median()),
-                     _fmt_pct(g["reached_target"].mean()), _fmt_pct(g["x_conf_at_stop"].mean()),
-                     _fmt_pct(g["re_top1_at_stop"].mean())])
+                     _fmt_pct(g["reached_target"].astype(float).mean()), _fmt_pct(g["x_conf_at_stop"].mean()),
+                     _fmt_pct(g["re_top1_at_stop"].astype(float).mean())])
     return _md(["config", "noise σ", "detected", "median iter. before det.", "median answered",
                 "reached R_T conf ≥ success", "R_T conf of x at stop (mean)", "R_E top-1 at stop"], rows)
 
@@ -637,9 +643,10 @@ def sybil_table(trials: pd.DataFrame, setting: str) -> str:
     s = trials[(trials["setting"] == setting) & (trials["kind"] == "sybil")]
     rows = []
     for (base, glob, k), g in s.groupby(["base_config", "global", "k"], sort=True):
-        rows.append([base, "yes" if glob else "no", int(k), f"{int(g['detected'].sum())}/{len(g)}",
+        rows.append([base, "yes" if glob else "no", int(k), f"{int(g['detected'].astype(bool).sum())}/{len(g)}",
                      _fmt_int(g["first_id_blocked_at"].median()), _fmt_int(g["answered"].median()),
-                     _fmt_pct(g["reached_target"].mean()), _fmt_pct(g["re_top1_at_stop"].mean())])
+                     _fmt_pct(g["reached_target"].astype(float).mean()),
+                     _fmt_pct(g["re_top1_at_stop"].astype(float).mean())])
     return _md(["config", "cross-client", "ids k", "attack stopped", "first id blocked at (median)",
                 "queries answered (median)", "reached R_T conf ≥ success", "R_E top-1 at stop"], rows)
 
@@ -665,12 +672,17 @@ def detection_fpr_plot(summary: pd.DataFrame, calibration: dict, paper_settings:
     cmap = plt.get_cmap("viridis")
     for ax, s in zip(axes[0], settings):
         g = summary[summary["setting"] == s]
-        ts = sorted(g["t_ssim"].unique())
+        ts = sorted(g.loc[~g["config"].map(is_ablation), "t_ssim"].unique())
         markers = {nb: m for nb, m in zip(sorted(g["n_b"].unique()), "os^Dv<>")}
         cap = max_iters[s]
         for r in g.itertuples():
             full = r.recall >= 1.0
             y = r.iters_max if full else cap * 1.15
+            if is_ablation(r.config):
+                ax.scatter(r.fpr, y, marker="x", s=40, color="gray")
+                ax.annotate(f"cfg {r.config.split('-')[1]}, L={r.data_range:g}", (r.fpr, y), textcoords="offset points",
+                            xytext=(5, -9), fontsize=7, color="gray")
+                continue
             c = cmap(ts.index(r.t_ssim) / max(1, len(ts) - 1))
             ax.scatter(r.fpr, y, marker=markers[r.n_b], s=26 + 60 * math.log10(r.t_hash / 1e-5 + 1) / 3,
                        facecolors=c if full else "none", edgecolors=c, alpha=0.8)
@@ -686,8 +698,8 @@ def detection_fpr_plot(summary: pd.DataFrame, calibration: dict, paper_settings:
             ax.scatter(cal["fpr"], cal["iters_max"], marker="o", s=260, facecolors="none", edgecolors="red", lw=1.5)
             ax.annotate("calibrated", (cal["fpr"], cal["iters_max"]), textcoords="offset points", xytext=(8, 8),
                         fontsize=8, color="red")
-        ax.axhline(cap * 1.15, color="gray", lw=0.6, ls=":")
-        ax.text(0.0, cap * 1.25, "hollow: some attack never detected", fontsize=7, color="gray")
+        ax.axhline(cap * 1.15, color="gray", lw=0.6, ls=":", label=f"hollow, on this line: an attack undetected "
+                   f"after {cap} queries")
         ax.set_yscale("log")
         ax.set_xlabel("false-positive rate (regular users blocked)")
         ax.set_ylabel("max iterations before detection")
@@ -769,10 +781,11 @@ def noise_plot(trials: pd.DataFrame, titles: dict, thresholds: dict, path) -> No
         ax = axes[1, j]
         xs = {sg: (sg if sg > 0 else min([v for v in sig if v > 0] or [1e-5]) / 3) for sg in sig}
         for name, gg in g[g["config"] != NO_FILTER].groupby("config"):
-            r = gg.groupby("noise")["detected"].mean()
+            r = gg["detected"].astype(float).groupby(gg["noise"]).mean()
             ax.plot([xs[v] for v in r.index], r.values, marker="o", ms=3, label=f"detected: {name}")
         r = ref.groupby("noise")
-        ax.plot([xs[v] for v in r.groups], r["re_top1_at_stop"].mean().values, "k--", marker="s", ms=3,
+        ax.plot([xs[v] for v in r.groups], r["re_top1_at_stop"].apply(lambda v: v.astype(float).mean()).values, "k--",
+                marker="s", ms=3,
                 label=f"R_E top-1 of x, no filter (after {int(ref['answered'].max())} queries)")
         ax.plot([xs[v] for v in r.groups], r["x_conf_at_stop"].mean().values, "k:", marker="^", ms=3,
                 label="R_T conf of x, no filter")

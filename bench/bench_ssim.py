@@ -1,0 +1,169 @@
+"""Similarity-filter benchmark: SSIM of one query against a 10-image buffer (the filter's
+per-query work at N_B = 10), raymia's vectorised SSIM vs ``skimage.metrics.structural_similarity``
+called once per buffered image, on ONE thread, in one run (so the numbers are ratios on
+the same machine at the same moment), plus the agreement with skimage on random and real
+image pairs, and the cost of a whole ``ClientFilterState.check``.
+
+    python bench/bench_ssim.py                 # ~1 minute; updates docs/benchmarks.md
+    python bench/bench_ssim.py --no-docs       # print only
+
+Timing: each variant runs ``--reps`` rounds of ``--n`` calls, interleaved with the
+others round by round; the reported time per call is the median round (the minimum is
+in the JSON).  Writes ``<out>/ssim.json`` and replaces the ``## Similarity filter``
+section of docs/benchmarks.md.
+"""
+from __future__ import annotations
+
+import os
+
+for _v in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):   # one thread, before numpy loads
+    os.environ[_v] = "1"
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import platform  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import numpy as np  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from raymia.defenses.filter import ClientFilterState, FilterParams, SSIMStack, ssim_batch  # noqa: E402
+
+BEGIN, END = "<!-- bench_ssim:begin -->", "<!-- bench_ssim:end -->"
+
+
+def real_images(size: int) -> np.ndarray:
+    """MNIST-5k digits and ORL faces resized to size x size (float64 in [0, 1])."""
+    from raymia.data import load_mnist5k, load_orl, to_tensor
+    x, _ = load_mnist5k()
+    o, _, _ = load_orl()
+    a = to_tensor(x[:40], size, 255.0)[:, 0].double().numpy()
+    b = to_tensor(o[:40], size, 255.0)[:, 0].double().numpy()
+    return np.concatenate([a, b])
+
+
+def agreement(size: int, rng) -> dict:
+    from skimage.metrics import structural_similarity as sk
+    errs = {}
+    q = rng.random((size, size))
+    cases = {"random": (q, rng.random((10, size, size))),
+             "near-identical": (q, np.clip(q + rng.normal(0, 1e-3, (10, size, size)), 0, 1))}
+    r = real_images(size)
+    cases["real digits"] = (r[0], r[1:40])
+    cases["real faces"] = (r[40], r[41:80])
+    for name, (qq, bb) in cases.items():
+        ref = np.array([sk(qq, b, data_range=1.0) for b in bb])
+        errs[name] = float(np.abs(ssim_batch(qq, bb, data_range=1.0) - ref).max())
+    return errs
+
+
+def timings(size: int, n: int, reps: int, rng) -> dict:
+    from skimage.metrics import structural_similarity as sk
+    q = rng.random((size, size))
+    buf = rng.random((10, size, size))
+    stack = SSIMStack.from_images(buf, data_range=1.0)
+    near = np.clip(buf[0] + rng.normal(0, 1e-4, (size, size)), 0, 1).astype(np.float32)
+    p = FilterParams(n_b=10, t_ssim=0.999, t_hash=1.0, l_sp=10 ** 9)    # every buffered image reaches SSIM
+    st = ClientFilterState(p)
+    for b in buf:
+        st.check(b.astype(np.float32))
+    variants = {
+        "skimage (10 calls)": lambda: [sk(q, b, data_range=1.0) for b in buf],
+        "ssim_batch, raw buffer": lambda: ssim_batch(q, buf, data_range=1.0),
+        "ssim_batch, prepared SSIMStack": lambda: ssim_batch(q, stack, data_range=1.0),
+        "ClientFilterState.check (hash passes, SSIM x10)": lambda: _check_restore(st, near),
+    }
+    for f in variants.values():
+        f()
+    rounds = {k: [] for k in variants}
+    for _ in range(reps):
+        for k, f in variants.items():
+            m = max(1, n // 10) if k.startswith("skimage") else n
+            t = time.perf_counter()
+            for _ in range(m):
+                f()
+            rounds[k].append((time.perf_counter() - t) / m)
+    out = {k: {"median_us": float(np.median(v) * 1e6), "min_us": float(np.min(v) * 1e6)} for k, v in rounds.items()}
+    base = out["skimage (10 calls)"]["median_us"]
+    for k in out:
+        out[k]["speedup_vs_skimage"] = base / out[k]["median_us"]
+    return out
+
+
+def _check_restore(st: ClientFilterState, q: np.ndarray) -> None:
+    """One full check (validation, hash, SSIM against the 10 buffered images) without
+    letting the buffer drift away from the benchmark's images."""
+    ring = st._ring
+    start, size = ring.start, ring.size
+    saved = (ring.stack.img.copy(), ring.stack.m1.copy(), ring.stack.m1sq.copy(), ring.stack.v48.copy(),
+             ring.hashes.copy())
+    st.check(q)
+    ring.start, ring.size = start, size
+    ring.stack.img[:], ring.stack.m1[:], ring.stack.m1sq[:], ring.stack.v48[:], ring.hashes[:] = saved
+
+
+def render(res: dict, cmd: str) -> str:
+    lines = [BEGIN, "", f"Command: `{cmd}` (one thread; {res['machine']}; numpy {res['numpy']}, "
+             f"scikit-image {res['skimage']}; {res['date']}).", "",
+             "Query against a 10-image buffer (the filter's work per query at N_B = 10), median of "
+             f"{res['reps']} interleaved rounds:", "",
+             "| image | variant | µs per query | speed-up vs skimage |", "|---|---|---|---|"]
+    for size, t in res["timings"].items():
+        for k, v in t.items():
+            lines.append(f"| {size}x{size} | {k} | {v['median_us']:.0f} | {v['speedup_vs_skimage']:.1f}× |")
+    lines += ["", "Largest |ours − skimage| (data_range 1, skimage defaults: 7x7 uniform window, sample "
+              "covariance, K1 0.01, K2 0.03):", "", "| image | " + " | ".join(next(iter(res["agreement"].values()))) + " |",
+              "|---|" + "---|" * len(next(iter(res["agreement"].values())))]
+    for size, e in res["agreement"].items():
+        lines.append(f"| {size}x{size} | " + " | ".join(f"{v:.1e}" for v in e.values()) + " |")
+    lines += ["", END]
+    return "\n".join(lines)
+
+
+def update_docs(path: Path, block: str) -> None:
+    head = "## Similarity filter: SSIM per query (bench/bench_ssim.py)"
+    text = path.read_text() if path.exists() else "# Benchmarks\n"
+    if BEGIN in text and END in text:
+        a, b = text.index(BEGIN), text.index(END) + len(END)
+        text = text[:a] + block + text[b:]
+    else:
+        text = text.rstrip("\n") + f"\n\n{head}\n\n{block}\n"
+    path.write_text(text)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--sizes", default="28,32,64")
+    ap.add_argument("--n", type=int, default=300, help="calls per round (skimage: n/10)")
+    ap.add_argument("--reps", type=int, default=7)
+    ap.add_argument("--out", default=str(ROOT / "runs" / "bench"))
+    ap.add_argument("--docs", default=str(ROOT / "docs" / "benchmarks.md"))
+    ap.add_argument("--no-docs", action="store_true")
+    args = ap.parse_args()
+    import skimage
+    rng = np.random.default_rng(0)
+    sizes = [int(s) for s in args.sizes.split(",")]
+    res = {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+           "numpy": np.__version__, "skimage": skimage.__version__, "date": time.strftime("%Y-%m-%d"),
+           "reps": args.reps, "n": args.n, "timings": {}, "agreement": {}}
+    for s in sizes:
+        res["agreement"][s] = agreement(s, rng)
+        res["timings"][s] = timings(s, args.n, args.reps, rng)
+        for k, v in res["timings"][s].items():
+            print(f"{s}x{s}  {k:48s} {v['median_us']:8.0f} us  {v['speedup_vs_skimage']:5.1f}x")
+        print(f"{s}x{s}  max |ours - skimage|: " + ", ".join(f"{k} {v:.1e}" for k, v in res["agreement"][s].items()))
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "ssim.json").write_text(json.dumps(res, indent=2))
+    cmd = "python bench/bench_ssim.py" + (f" --sizes {args.sizes}" if args.sizes != "28,32,64" else "")
+    if not args.no_docs:
+        update_docs(Path(args.docs), render(res, cmd))
+        print(f"updated {args.docs}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,147 @@
+"""Simulations of the similarity-filter paper: live attack trials through the filter,
+the bank of configurations, regular users, the Sybil attacker, the metrics (Eqs. 2-5)
+and a tiny filter sweep job through Ray."""
+import math
+import runpy
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from raymia.attacks.fredrikson import fredrikson_attack
+from raymia.config import load_config
+from raymia.defenses.filter import ClientFilterState, FilterParams
+from raymia.filter_eval import (NO_FILTER, SimContext, Unit, calibrate, detection_metrics, paper_reference, run_unit,
+                                sweep_configs)
+from raymia.models import ProbModel
+from raymia.training import train_classifier
+
+ROOT = Path(__file__).resolve().parents[1]
+SMALL = ["data.train_per_id=60", "data.test_per_id=20", "target.epochs=3", "evaluator.epochs=3",
+         "filter.labels=[0,1]", "filter.trials_per_label=1", "filter.user_trials_per_label=1", "filter.user_queries=20",
+         "filter.max_iters=150", "filter.grid_n_b=[10]", "filter.grid_t_ssim=[0.99]", "filter.grid_t_hash=[0.001]",
+         "filter.noise_grid=[0.001]", "filter.sybil_k=[3]", "filter.extra_labels=1", "filter.ablation_data_range=0"]
+
+
+@pytest.fixture(scope="module")
+def mnist_ctx():
+    """LeNet5 R_T and R_E trained briefly on 60 MNIST-5k digits per class (~2 s)."""
+    torch.set_num_threads(1)
+    cfg = load_config("filter_mnist", SMALL)
+    from raymia.data import load_bundle
+    b = load_bundle(cfg.data)
+    rt, m = train_classifier(cfg.target, b.private_train, b.private_test, b.n_private, "cpu", seed=0)
+    re, _ = train_classifier(cfg.evaluator, b.eval_train, b.eval_test, b.n_eval, "cpu", seed=1)
+    assert m["test_acc"] > 0.6, m
+    return SimContext(cfg, "cpu", bundle=b, target=rt, evaluator=re)
+
+
+def test_short_attack_trial_gets_blocked(mnist_ctx):
+    ctx = mnist_ctx
+    st = ClientFilterState(FilterParams.paper(3))
+    res = fredrikson_attack(ctx.target, 1, ctx.shape, iters=300, lr=0.1, noise_std=1e-4, seed=0,
+                            gate=lambda q: st.check(q.numpy()).safe)
+    assert res.blocked_at is not None and res.blocked_at < 300
+    assert res.queries == res.blocked_at - 1 == st.n_queries - 1
+    assert st.blocked and st.count == 4 and len(st) == min(10, res.queries)
+
+
+def test_bank_equals_one_live_filter_per_config(mnist_ctx):
+    """Every config of a bank blocks at the query where a server running only that
+    config blocks the same attack; the no-filter reference runs to max_iters."""
+    ctx = mnist_ctx
+    configs = sweep_configs(ctx.fc)
+    names = ["paper-1", "paper-2", "paper-3"]
+    u = Unit("filter_mnist", "noise", 0, 0, 1e-4, 1, tuple(names) + (NO_FILTER,))
+    df = run_unit(ctx, u, configs).set_index("config")
+    seed = ctx.seed("attack", 0, 0, 1e-4)
+    for n in names:
+        st = ClientFilterState(configs[n])
+        res = fredrikson_attack(ctx.target, 0, ctx.shape, iters=ctx.fc.max_iters, lr=ctx.cfg.attack.fredrikson_lr,
+                                noise_std=1e-4, seed=seed, gate=lambda q, st=st: st.check(q.numpy()).safe)
+        if res.blocked_at is None:
+            assert not df.loc[n, "detected"]
+        else:
+            assert df.loc[n, "blocked_at"] == res.blocked_at
+            assert df.loc[n, "iters_before_detection"] == res.queries
+            assert df.loc[n, "x_conf_at_stop"] == pytest.approx(res.target_conf, abs=1e-5)
+    assert df.loc[NO_FILTER, "answered"] == ctx.fc.max_iters and not df.loc[NO_FILTER, "detected"]
+    assert len(df.loc[NO_FILTER, "ssim_prev"]) == ctx.fc.max_iters - 1
+    assert df.loc["paper-3", "detected"] and df.loc["paper-3", "iters_before_detection"] < 50
+
+
+def test_regular_users_pass_and_sybil_needs_the_cross_client_check(mnist_ctx):
+    ctx = mnist_ctx
+    configs = sweep_configs(ctx.fc)
+    names = ("paper-1", "paper-3")
+    users = run_unit(ctx, Unit("filter_mnist", "user", 0, 0, 0.0, 1, names), configs)
+    assert (~users["flagged"]).all() and (users["n_queries"] == 20).all() and (users["count"] == 0).all()
+    syb = run_unit(ctx, Unit("filter_mnist", "sybil", 0, 0, 1e-4, 3, ("paper-3",)), configs).set_index("config")
+    own, glob = syb.loc["paper-3"], syb.loc["paper-3+global"]
+    assert glob["detected"] and glob["by_global"] >= 1
+    assert glob["answered"] < own["answered"] or not own["detected"]
+    assert own["by_global"] == 0 and (not own["detected"] or own["ids_blocked"] == 3)
+
+
+def test_metrics_reproduce_the_papers_table6_from_its_counts():
+    """Eqs. 2-5 on the paper's own counts (30 attacks all detected, FP from Table 4)."""
+    for setting, n in (("mnist", 30), ("celeba", 12)):
+        ref = paper_reference(setting)
+        for k, r in ref.items():
+            a = pd.DataFrame({"detected": [True] * n, "iters_before_detection": [1.0] * n,
+                              "reached_target": [False] * n, "re_top1_at_stop": [False] * n})
+            u = pd.DataFrame({"flagged": [True] * r["fp"] + [False] * (n - r["fp"])})
+            m = detection_metrics(a, u)
+            for key in ("accuracy", "precision", "recall", "f1"):
+                assert m[key] == pytest.approx(r[key], abs=6e-5), (setting, k, key)
+    a = pd.DataFrame({"detected": [True, True, False], "iters_before_detection": [5.0, 9.0, math.nan],
+                      "reached_target": [True, False, True], "re_top1_at_stop": [False, False, True]})
+    m = detection_metrics(a, pd.DataFrame({"flagged": [False, True]}))
+    assert (m["tp"], m["fn"], m["fp"], m["tn"]) == (2, 1, 1, 1)
+    assert m["iters_max"] == 9 and m["iters_median"] == 7 and m["fpr"] == 0.5
+
+
+def test_calibration_picks_fastest_full_recall_config_under_fpr_target():
+    s = pd.DataFrame([
+        {"setting": "x", "config": "a", "fpr": 0.0, "recall": 1.0, "iters_max": 50.0, "iters_median": 10.0},
+        {"setting": "x", "config": "b", "fpr": 0.0, "recall": 1.0, "iters_max": 20.0, "iters_median": 15.0},
+        {"setting": "x", "config": "c", "fpr": 0.2, "recall": 1.0, "iters_max": 2.0, "iters_median": 2.0},
+        {"setting": "x", "config": "d", "fpr": 0.0, "recall": 0.5, "iters_max": 1.0, "iters_median": 1.0},
+        {"setting": "x", "config": "paper-1-L255", "fpr": 0.0, "recall": 1.0, "iters_max": 1.0, "iters_median": 1.0},
+        {"setting": "y", "config": "e", "fpr": 0.5, "recall": 1.0, "iters_max": 1.0, "iters_median": 1.0},
+    ])
+    cal = calibrate(s, 0.05)
+    assert cal["x"]["config"] == "b" and cal["y"]["config"] is None
+
+
+def test_filter_sweep_job_runs_and_resumes(ray_session, tmp_path, capsys, monkeypatch):
+    """The whole job on a tiny grid (MNIST, 2 labels, 4 configs) on the test's Ray;
+    a second run finds every unit done and recomputes nothing."""
+    out = tmp_path / "out"
+    argv = ["filter_sweep.py", "--preset", "filter_mnist", "--out", str(out),
+            "--set", f"run.out_root={tmp_path / 'runs'}"] + [a for s in SMALL for a in ("--set", s)]
+    monkeypatch.syspath_prepend(str(ROOT / "jobs"))
+    monkeypatch.setattr(sys, "argv", argv)
+    runpy.run_path(str(ROOT / "jobs" / "filter_sweep.py"), run_name="__main__")
+    first = capsys.readouterr().out
+    assert "(0 already done)" in first
+    for f in ("filter_trials.parquet", "filter_summary.csv", "tables.md", "calibration.json",
+              "detection_vs_fpr.png", "noise.png", "max_iters_per_label_filter_mnist.png"):
+        assert (out / f).exists(), f
+    summ = pd.read_csv(out / "filter_summary.csv")
+    assert set(summ["config"]) == {"paper-1", "paper-2", "paper-3", "nb10-s0.99-h0.001-l4"}
+    trials = pd.read_parquet(out / "filter_trials.parquet")
+    assert set(trials["kind"]) == {"attack", "user", "noise", "sybil", "population"}
+    assert len(trials[trials["kind"] == "attack"]) == 2 * 4          # 2 labels x 1 trial x 4 configs
+    p3 = summ.set_index("config").loc["paper-3"]
+    assert p3["recall"] == 1.0 and p3["fpr"] == 0.0
+    assert "Table 6" in (out / "tables.md").read_text()
+    units = {p: p.stat().st_mtime_ns for p in (out / "units").glob("*.parquet")}
+    runpy.run_path(str(ROOT / "jobs" / "filter_sweep.py"), run_name="__main__")
+    second = capsys.readouterr().out
+    assert "(4 already done)" in second                               # 2 attack + 2 user sessions
+    assert {p: p.stat().st_mtime_ns for p in (out / "units").glob("*.parquet")} == units
+    pd.testing.assert_frame_equal(pd.read_csv(out / "filter_summary.csv"), summ)
