@@ -582,12 +582,22 @@ class _RingStack:
         return slot
 
     def ssim(self, q: np.ndarray, slots: np.ndarray) -> np.ndarray:
-        """Mean-over-channels SSIM of ``q`` (C, H, W) against the images in ``slots``."""
+        """Mean-over-channels SSIM of ``q`` (C, H, W) against the images in ``slots``
+        (physical slot indices), in the order of ``slots``."""
+        st, c = self.stack, self.c
+        if len(slots) == self.size:
+            # every buffered image: slots 0..size-1 (the ring only wraps once full), so
+            # the statistics are read in place, without copying rows
+            out = np.zeros(self.size, np.float64)
+            for ch in range(c):
+                rows = slice(ch, self.size * c, c)
+                view = SSIMStack(st.shape, self.dr, st.img[rows], st.m1[rows], st.m1sq[rows], st.v48[rows])
+                out += _ssim_prepared(q[ch], view, self.dr)
+            return out[slots] / c
         out = np.zeros(len(slots), np.float64)
-        for ch in range(self.c):
-            rows = slots * self.c + ch
-            out += _ssim_prepared(q[ch], self.stack.take(rows), self.dr)
-        return out / self.c
+        for ch in range(c):
+            out += _ssim_prepared(q[ch], st.take(slots * c + ch), self.dr)
+        return out / c
 
     def images(self) -> np.ndarray:
         """Buffered images oldest first, (n, C, H, W) float32 (a copy)."""
