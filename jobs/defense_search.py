@@ -22,6 +22,7 @@ import yaml
 
 from raymia import cli
 from raymia.artifacts import write_run_record
+from raymia.config import ConfigError
 from raymia.distributed import init_ray, make_evaluator_actor, resolve_out_root, run_defense_trials
 from raymia.report import PAPER_DUMMY, markdown_table, pareto_plot
 from raymia.search import PARAM_KEYS, baselines, pareto_front, search_space
@@ -68,57 +69,112 @@ def best_defense_yaml(preset: str, params: dict, alpha: float, path: Path) -> No
     path.write_text(header + yaml.safe_dump(doc, sort_keys=False))
 
 
-def run(cfg, preset: str = "orl", out=None, address=None) -> Path:
+def run(cfg, preset: str = "orl", out=None, address=None, check_only: bool = False, local: bool = False) -> Path:
+    """Search (Tune), then check the best defense and the baselines over seeds and
+    attackers.  ``check_only`` reuses OUT/search_trials.parquet; ``local`` runs the check
+    in this process without Ray (same library code; e.g. on a GPU box without Ray)."""
     root = resolve_out_root(cfg)
     out = Path(out).expanduser().resolve() if out else root / cfg.run.name / "defense_search"
     out.mkdir(parents=True, exist_ok=True)
-    write_run_record(out, cfg, {"preset": preset})
+    write_run_record(out, cfg, {"preset": preset, "check_only": check_only, "local": local})
+    if local:
+        if not check_only:
+            raise ConfigError("--local runs only the check (the search itself runs on Ray Tune): add --check-only")
+        return _check_and_report(cfg, preset, out, _load_trials(out), run_local_check)
     train_base(cfg, address)
     init_ray(cfg, address)
+    import ray
     namespace = f"raymia-search-{os.getpid()}"
     evaluator = make_evaluator_actor(cfg, 0, 0, "evaluator", namespace, sweep_anchors=False)
     try:
-        return _search_and_check(cfg, preset, out, namespace)
+        trials = _load_trials(out) if check_only else search(cfg, out, namespace)
+        return _check_and_report(cfg, preset, out, trials,
+                                 lambda c, o, combos: run_tune_check(c, o, combos, namespace))
     finally:
-        import ray
         ray.kill(evaluator)
 
 
-def _search_and_check(cfg, preset: str, out: Path, namespace: str) -> Path:
-    common = {"cfg": cfg.to_dict(), "adaptive": False}
+def _load_trials(out: Path) -> pd.DataFrame:
+    path = out / "search_trials.parquet"
+    if not path.exists():
+        raise ConfigError(f"--check-only needs a finished search: {path} is missing (run without --check-only first)")
+    return pd.read_parquet(path)
+
+
+def search(cfg, out: Path, namespace: str) -> pd.DataFrame:
+    common = {"cfg": cfg.to_dict(), "adaptive": False, "seed": cfg.run.seed}
     print(f"[defense_search] searching {cfg.search.num_samples} defenses over alphas {cfg.search.alphas}", flush=True)
-    grid = run_defense_trials(cfg, {**common, "seed": cfg.run.seed, **search_space(cfg)}, out, "search",
-                              "evaluator", namespace, num_samples=cfg.search.num_samples, search=True)
+    grid = run_defense_trials(cfg, {**common, **search_space(cfg)}, out, "search", "evaluator", namespace,
+                              num_samples=cfg.search.num_samples, search=True)
     trials = _frame(grid, "search")
     if trials.empty:
         raise RuntimeError("no search trial finished a round; see the Tune log under " + str(out / "tune"))
     trials.to_parquet(out / "search_trials.parquet", index=False)
+    return trials
+
+
+def check_combos(cfg, candidates: dict) -> list[dict]:
+    return [{"defense": n, "params": p, "seed": s, "adaptive": a}
+            for n, p in candidates.items() for s in cfg.search.seeds for a in (False, True)]
+
+
+def _check_row(combo: dict, metrics: dict) -> dict:
+    return {"defense": combo["defense"], "seed": combo["seed"], "attacker": "adaptive" if combo["adaptive"] else "naive",
+            **{k: v for k, v in metrics.items() if k in SUMMARY_COLS or "@" in k}}
+
+
+def run_tune_check(cfg, out: Path, combos: list, namespace: str) -> pd.DataFrame:
+    from ray import tune
+    grid = run_defense_trials(cfg, {"cfg": cfg.to_dict(), "check": tune.grid_search(combos)}, out, "check",
+                              "evaluator", namespace)
+    return pd.DataFrame([_check_row(r.config["check"], r.metrics) for r in grid
+                         if r.metrics and "objective" in r.metrics])
+
+
+def run_local_check(cfg, out: Path, combos: list) -> pd.DataFrame:
+    """The check without Ray: one defense after another in this process (resumable per
+    combination through OUT/check_local/)."""
+    from raymia.search import DefenseEvaluator, load_base, make_scorer
+    from raymia.training import pick_device
+    device = pick_device(cfg.run.device)
+    base = load_base(cfg, device)
+    scorer = make_scorer(cfg, base.bundle, device)
+    done_dir = out / "check_local"
+    done_dir.mkdir(exist_ok=True)
+    rows = []
+    for i, combo in enumerate(combos):
+        key = f"{combo['defense']}-s{combo['seed']}-{'adaptive' if combo['adaptive'] else 'naive'}"
+        path = done_dir / f"{key}.json"
+        if path.exists():
+            rows.append(json.loads(path.read_text()))
+            continue
+        ev = DefenseEvaluator(base, combo["params"], combo["seed"], key, combo["adaptive"],
+                              score=lambda imgs, t, k, a: scorer.score(imgs, t, k), add_anchors=scorer.add_anchors)
+        for r in range(ev.rounds):
+            ev.run_round(r)
+        row = _check_row(combo, ev.result())
+        path.write_text(json.dumps(row, default=float))
+        rows.append(row)
+        print(f"[defense_search] check {i + 1}/{len(combos)} {key}: objective {row['objective']:.3f} "
+              f"(alpha {row['best_alpha']})", flush=True)
+    return pd.DataFrame(rows)
+
+
+def _check_and_report(cfg, preset: str, out: Path, trials: pd.DataFrame, runner) -> Path:
     full = trials[trials["round"] == cfg.attack.restarts]
     pool = full if not full.empty else trials
     best = pool.sort_values(["objective", "best_accuracy"], ascending=[True, False]).iloc[0]
     best_params = _params_of(best)
     print(f"[defense_search] best defense: {best_params} objective {best['objective']:.3f}", flush=True)
-
-    candidates = {"best": best_params, **baselines(cfg)}
-    from ray import tune
-    combos = [{"defense": n, "params": p, "seed": s, "adaptive": a}
-              for n, p in candidates.items() for s in cfg.search.seeds for a in (False, True)]
-    check_space = {**common, "check": tune.grid_search(combos)}
+    combos = check_combos(cfg, {"best": best_params, **baselines(cfg)})
     print(f"[defense_search] checking {len(combos)} (defense, seed, attacker) combinations", flush=True)
-    grid2 = run_defense_trials(cfg, check_space, out, "check", "evaluator", namespace)
-    rows = []
-    for r in grid2:
-        if r.metrics and "objective" in r.metrics:
-            ck = r.config["check"]
-            rows.append({"defense": ck["defense"], "seed": ck["seed"], "attacker": "adaptive" if ck["adaptive"] else "naive",
-                         **{k: v for k, v in r.metrics.items() if k in SUMMARY_COLS or "@" in k}})
-    check = pd.DataFrame(rows)
+    check = runner(cfg, out, combos)
     check.to_parquet(out / "check_trials.parquet", index=False)
     report = summarize_check(check, cfg)
     report.to_csv(out / "check_summary.csv", index=False)
 
     points = []
-    for df, label in ((trials, "search"), (check[check["attacker"] == "naive"].assign(kind="check"), "check")):
+    for df, label in ((trials, "search"), (check[check["attacker"] == "naive"], "check")):
         for _, r in df.iterrows():
             for a in cfg.search.alphas:
                 k = f"{a:g}"
@@ -169,8 +225,10 @@ def summarize_check(check: pd.DataFrame, cfg) -> pd.DataFrame:
 def main():
     p = cli.parser(__doc__.splitlines()[0])
     p.add_argument("--out", default=None, help="output directory (default: <out_root>/<run.name>/defense_search)")
+    p.add_argument("--check-only", action="store_true", help="skip the search; check the best of OUT/search_trials.parquet")
+    p.add_argument("--local", action="store_true", help="with --check-only: run the check in this process, no Ray")
     args = p.parse_args()
-    run(cli.config_from_args(args), args.preset, args.out, args.address)
+    run(cli.config_from_args(args), args.preset, args.out, args.address, args.check_only, args.local)
 
 
 if __name__ == "__main__":

@@ -84,3 +84,20 @@ def test_rerun_resumes_the_finished_search(smoke_search):
     job.run(cfg, "smoke")
     after = pd.read_parquet(out / "search_trials.parquet")
     assert sorted(after["trial_id"]) == sorted(before["trial_id"])  # restored, not searched again
+
+
+def test_local_check_without_ray_matches_the_tune_check(smoke_search):
+    """The check's Ray-free path (for a GPU box without Ray) gives the same decisions."""
+    cfg, out, job = smoke_search
+    tune_check = pd.read_csv(out / "check_summary.csv")
+    (out / "local").mkdir(exist_ok=True)
+    (out / "local" / "search_trials.parquet").write_bytes((out / "search_trials.parquet").read_bytes())
+    job.run(cfg, "smoke", out=out / "local", check_only=True, local=True)
+    local = pd.read_csv(out / "local" / "check_summary.csv")
+    merged = tune_check.merge(local, on=["defense", "attacker"], suffixes=("_tune", "_local"))
+    assert len(merged) == 6
+    assert (merged["best_alpha_tune"] == merged["best_alpha_local"]).mean() >= 0.5
+    assert (merged["mia_top5_tune"] - merged["mia_top5_local"]).abs().max() <= 0.2
+    from raymia.config import ConfigError
+    with pytest.raises(ConfigError, match="--check-only"):
+        job.run(cfg, "smoke", out=out / "local", local=True)
