@@ -151,6 +151,7 @@ class AttackCfg:
     channels_last: bool = False  # NHWC memory format for the frozen nets' convolutions
     fold_bn: bool = False        # fold eval-mode BatchNorm into the preceding conv/linear (on a copy)
     compile: str = "off"         # off | default | max-autotune-no-cudagraphs | max-autotune | reduce-overhead
+    pad_channels: bool = False   # pad the image's channels to 8 (zero weights): tensor-core kernels for the stem
 
 
 @dataclass

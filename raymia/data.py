@@ -230,6 +230,9 @@ def _identity_bundle(name: str, per_id: list[torch.Tensor], names: list[str], au
     ``eval_ids`` identities (0 = all) that include every private identity, with its own
     image split (``eval_test_per_id`` held out).  The attacker's auxiliary set is the
     identities R_T never saw (plus LFW faces), so F is never trained on D's people.
+    With ``eval_shared_ids = k > 0`` only the first k private identities are in R_E (the
+    paper's setup: 27 of R_E's 2167 identities are R_T's, the attack targets); the other
+    private classes map to -1 in ``private_to_eval``.
     """
     n_ids = len(per_id)
     need = cfg.train_per_id + cfg.test_per_id
@@ -241,9 +244,11 @@ def _identity_bundle(name: str, per_id: list[torch.Tensor], names: list[str], au
     private = order[:cfg.private_ids]
     others = [i for i in _rng(cfg.split_seed, 2).permutation(n_ids).tolist() if i not in private]
     n_eval = cfg.eval_ids or n_ids
-    if n_eval < cfg.private_ids or n_eval > n_ids:
-        raise DataError(f"{name}: data.eval_ids={cfg.eval_ids} must lie in [{cfg.private_ids}, {n_ids}]")
-    eval_ids = private + others[: n_eval - cfg.private_ids]
+    shared = cfg.eval_shared_ids or cfg.private_ids
+    if n_eval < shared or n_eval - shared > len(others):
+        raise DataError(f"{name}: data.eval_ids={cfg.eval_ids} must lie in [{shared}, {shared + len(others)}] "
+                        f"({n_ids} identities, {cfg.private_ids} private, {shared} shared with R_E)")
+    eval_ids = private[:shared] + others[: n_eval - shared]
     aux_ids = others
 
     def take(ids, n_train, n_test, salt):
@@ -267,7 +272,7 @@ def _identity_bundle(name: str, per_id: list[torch.Tensor], names: list[str], au
     return Bundle(
         name=name, private_train=p_train, private_test=p_test, eval_train=e_train, eval_test=e_test,
         aux=aux, n_private=len(private), n_eval=len(eval_ids),
-        private_to_eval=torch.arange(len(private)),
+        private_to_eval=torch.cat([torch.arange(shared), torch.full((len(private) - shared,), -1)]).long(),
         class_names=[names[i] for i in private],
         meta={"private_identities": [names[i] for i in private],
               "eval_identities": [names[i] for i in eval_ids],
@@ -320,14 +325,52 @@ def load_bundle(cfg: DataCfg) -> Bundle:
         return _class_bundle("mnist", to_tensor(imgs, s, 255.0), labels, cfg, [str(i) for i in range(10)])
     if cfg.name == "imagefolder":
         files, names = load_imagefolder(cfg)
+        if cfg.max_ids:
+            files, names = files[:cfg.max_ids], names[:cfg.max_ids]
         if cfg.max_per_id:
             files = [f[:cfg.max_per_id] for f in files]
         per_id = [_read_images(f, s, gray=False) for f in files]
         extra = None
-        return _identity_bundle("imagefolder", per_id, names, extra, cfg)
+        return _with_aux(_identity_bundle("imagefolder", per_id, names, extra, cfg), cfg)
     if cfg.name == "celeba":
-        return _load_celeba(cfg)
+        return _with_aux(_load_celeba(cfg), cfg)
     raise DataError(f"unknown data set {cfg.name!r}")
+
+
+# ----------------------------------------------------------------------------- auxiliary set from a second root
+
+def load_aux_images(cfg: DataCfg) -> torch.Tensor:
+    """The attacker's auxiliary images from ``data.aux_root`` (``data.aux_name``: ``celeba``
+    = every image of CelebA's img_align_celeba/ in file order, ``imagefolder`` = every image
+    of ROOT/<identity>/), at most ``data.aux_max`` of them, unlabeled."""
+    import dataclasses
+    sub = dataclasses.replace(cfg, name=cfg.aux_name, root=cfg.aux_root)
+    if not cfg.aux_root:
+        raise DataError(f"data.aux_name={cfg.aux_name} needs a local path: --set data.aux_root=PATH")
+    try:
+        if cfg.aux_name == "celeba":
+            img_dir = _celeba_root(sub) / "img_align_celeba"
+            paths = sorted(f for f in img_dir.iterdir() if f.suffix.lower() in IMG_EXT)
+        elif cfg.aux_name == "imagefolder":
+            paths = [f for fs in load_imagefolder(sub)[0] for f in fs]
+        else:
+            raise DataError(f"unknown auxiliary set {cfg.aux_name!r} (celeba, imagefolder)")
+    except DataError as e:
+        raise DataError(f"auxiliary set (data.aux_name={cfg.aux_name}, data.aux_root): "
+                        f"{str(e).replace('data.root', 'data.aux_root')}") from None
+    if not paths:
+        raise DataError(f"no images found for the auxiliary set under data.aux_root={cfg.aux_root}")
+    return _read_images(paths[:cfg.aux_max or None], cfg.image_size, gray=False)
+
+
+def _with_aux(bundle: Bundle, cfg: DataCfg) -> Bundle:
+    """Replace the bundle's auxiliary split by ``data.aux_name`` images when one is set."""
+    if not cfg.aux_name:
+        return bundle
+    x = load_aux_images(cfg)
+    bundle.aux = Split(x, torch.full((x.shape[0],), -1, dtype=torch.long))
+    bundle.meta = {**bundle.meta, "aux_source": f"{cfg.aux_name}:{cfg.aux_root}", "aux_images": int(x.shape[0])}
+    return bundle
 
 
 def _load_celeba(cfg: DataCfg) -> Bundle:
