@@ -110,7 +110,17 @@ def search(cfg, out: Path, namespace: str) -> pd.DataFrame:
     if trials.empty:
         raise RuntimeError("no search trial finished a round; see the Tune log under " + str(out / "tune"))
     trials.to_parquet(out / "search_trials.parquet", index=False)
+    trials.to_csv(out / "search_trials.csv", index=False)      # for readers without pyarrow
     return trials
+
+
+def best_of(trials: pd.DataFrame, cfg) -> tuple[pd.Series, dict]:
+    """The search's best defense: lowest objective among trials that ran every round
+    (ASHA stops the others early), ties to the higher accuracy."""
+    full = trials[trials["round"] == cfg.attack.restarts]
+    pool = full if not full.empty else trials
+    best = pool.sort_values(["objective", "best_accuracy"], ascending=[True, False]).iloc[0]
+    return best, _params_of(best)
 
 
 def check_combos(cfg, candidates: dict) -> list[dict]:
@@ -161,10 +171,7 @@ def run_local_check(cfg, out: Path, combos: list) -> pd.DataFrame:
 
 
 def _check_and_report(cfg, preset: str, out: Path, trials: pd.DataFrame, runner) -> Path:
-    full = trials[trials["round"] == cfg.attack.restarts]
-    pool = full if not full.empty else trials
-    best = pool.sort_values(["objective", "best_accuracy"], ascending=[True, False]).iloc[0]
-    best_params = _params_of(best)
+    best, best_params = best_of(trials, cfg)
     print(f"[defense_search] best defense: {best_params} objective {best['objective']:.3f}", flush=True)
     combos = check_combos(cfg, {"best": best_params, **baselines(cfg)})
     print(f"[defense_search] checking {len(combos)} (defense, seed, attacker) combinations", flush=True)
