@@ -279,14 +279,16 @@ def project_cluster(runs: list[dict], warmup_s: float, eval_s_per_row: float, gp
 
 
 def best_projection(runs: list[dict], eval_s_per_row: float, gpus: list[int]) -> list[dict]:
-    """For each N, the fastest :func:`project_cluster` over the measured fast-path
-    configurations (each with its own measured batch sizes and warm-up)."""
+    """For each N, the :func:`project_cluster` row with the shortest attack time over the
+    measured fast-path configurations (each with its own measured batch sizes and
+    warm-up; a batch size below a configuration's smallest measured one is charged that
+    one's step time)."""
     configs = sorted({r["config"] for r in runs if r["rows"] > 1 and r["config"] != "fp32"})
     best = {}
     for name in configs:
         cr = [r for r in runs if r["config"] == name]
         for row in project_cluster(cr, max(r["warmup_s"] for r in cr), eval_s_per_row, gpus):
-            if row["gpus"] not in best or row["total_s"] < best[row["gpus"]]["total_s"]:
+            if row["gpus"] not in best or row["gpu_s"] < best[row["gpus"]]["gpu_s"]:
                 best[row["gpus"]] = {"config": name, **row}
     return [best[n] for n in gpus if n in best]
 

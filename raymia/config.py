@@ -171,6 +171,7 @@ class ResourcesCfg:
     cpus_per_trial: float = 1.0
     gpus_per_trial: float = 0.25       # used only when GPUs exist
     attack_workers: int = 0            # 0 = one per GPU, or 1 on CPU
+    use_gpu: str = "auto"              # auto (if the cluster has GPUs now) | always (autoscaling: ask for them) | never
     object_store_mb: int = 256
 
 
@@ -230,7 +231,8 @@ class FilterCfg:
     fpr_target: float = 0.05      # calibration: fewest iterations before detection with FPR <= this
     ablation_data_range: float = 255.0   # also run Table 1 with SSIM's L set to this on [0,1] images (0 = off)
     # --- beyond the paper: adaptive noise, Sybil attacker, cross-client check
-    noise_grid: list = field(default_factory=lambda: [0.0, 3.0e-5, 1.0e-4, 3.0e-4, 1.0e-3, 3.0e-3, 1.0e-2])
+    noise_grid: list = field(default_factory=lambda: [0.0, 3.0e-5, 1.0e-4, 3.0e-4, 1.0e-3, 3.0e-3, 1.0e-2,
+                                                              3.0e-2, 0.1])
     extra_labels: int = 3         # labels (first N of `labels`) for these experiments, 1 trial each
     sybil_k: list = field(default_factory=lambda: [1, 4, 16])
     global_size: int = 1000       # cross-client index: last queries of all clients kept
@@ -424,6 +426,8 @@ def validate(cfg: Config) -> None:
     _check(cb.rule in ("linear", "gated"), f"combine.rule must be linear or gated, got {cb.rule!r}")
     _check(0.0 < cb.gate_tau < 1.0 and cb.gate_temp > 0, "combine.gate_tau must lie in (0, 1) and combine.gate_temp be > 0")
     _check(cfg.attack.restarts >= 1 and cfg.attack.iters >= 1, "attack.restarts and attack.iters must be >= 1")
+    _check(cfg.resources.use_gpu in ("auto", "always", "never"),
+           f"resources.use_gpu must be auto, always or never, got {cfg.resources.use_gpu!r}")
     _check(cfg.attack.precision in ("fp32", "bf16"), f"attack.precision must be fp32 or bf16, got {cfg.attack.precision!r}")
     _check(cfg.attack.compile in ("off", "default", "max-autotune-no-cudagraphs", "max-autotune", "reduce-overhead"),
            "attack.compile must be off, default, max-autotune-no-cudagraphs, max-autotune or reduce-overhead, "

@@ -56,10 +56,20 @@ def cluster_gpus() -> float:
     return float(ray.cluster_resources().get("GPU", 0.0))
 
 
+def use_gpus(cfg: Config) -> bool:
+    """Whether trials and attack workers request GPUs (``resources.use_gpu``): ``auto`` when
+    the cluster has GPUs now; ``always`` also before an autoscaling cluster has started its
+    GPU nodes (the request is what makes the autoscaler launch them); ``never``."""
+    mode = cfg.resources.use_gpu
+    return mode == "always" or (mode == "auto" and cluster_gpus() > 0)
+
+
 def trial_resources(cfg: Config, gpu_fraction: Optional[float] = None) -> dict:
-    """CPU (and, when the cluster has GPUs, a GPU fraction) each Tune trial requests."""
+    """CPU and, when GPUs are used (:func:`use_gpus`), a GPU share each Tune trial requests:
+    ``resources.gpus_per_trial`` (a fraction packs several small-model trials on one GPU)
+    unless ``gpu_fraction`` is given."""
     res = {"cpu": cfg.resources.cpus_per_trial}
-    if cluster_gpus() > 0:
+    if use_gpus(cfg):
         res["gpu"] = cfg.resources.gpus_per_trial if gpu_fraction is None else gpu_fraction
     return res
 
@@ -216,8 +226,14 @@ def run_alpha_sweep(cfg: Config, rows_dir: Path, n_private: int, total_rows: int
     namespace = f"raymia-{os.getpid()}"
     name = "evaluator"
     evaluator = make_evaluator_actor(cfg, total_rows, done_rows, name, namespace)
-    n_workers = cfg.resources.attack_workers or int(cluster_gpus()) or max(1, int(ray.cluster_resources().get("CPU", 1)))
-    gpu = 1.0 if cluster_gpus() > 0 else None
+    if use_gpus(cfg):
+        # one attack worker per GPU, holding all of it: each call batches attack.batch_rows rows
+        # (4096 fill an H100, docs/benchmarks.md), so fractional sharing would only add contention
+        n_workers = cfg.resources.attack_workers or max(1, int(cluster_gpus()))
+        gpu = 1.0
+    else:
+        n_workers = cfg.resources.attack_workers or max(1, int(ray.cluster_resources().get("CPU", 1)))
+        gpu = None
     trainable = tune.with_resources(_attack_trial, trial_resources(cfg, gpu))
     tuner = tune.Tuner(
         trainable,
