@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from typing import Optional
 
 import numpy as np
@@ -50,25 +51,22 @@ class RaymiaModel:
         self.limit = s.max_body_bytes
         self.admin_digest, self.api_keys = admin_digest, api_keys
         self.filter_params = filter_params
-        self.shards = ShardRouter(self.plan.state_path, filter_params, s.shards) if filter_params else None
-        for batched in (self.infer, self.filter_checks):
-            batched.set_max_batch_size(s.batch_size)
-            batched.set_batch_wait_timeout_s(s.batch_wait_ms / 1000.0)
+        self.shards = ShardRouter(self.plan.state_path, filter_params, s.shards, s.batch_size) if filter_params else None
+        self.infer.set_max_batch_size(s.batch_size)
+        self.infer.set_batch_wait_timeout_s(s.batch_wait_ms / 1000.0)
+        # torch runs on its own thread: the event loop stays free for HTTP and filter calls
+        self.torch_pool = ThreadPoolExecutor(1, thread_name_prefix="raymia-infer")
 
     # ------------------------------------------------------------------ model
-    @rserve.batch(max_batch_size=16, batch_wait_timeout_s=0.002)
-    async def infer(self, images: list) -> list:
+    def forward(self, images: list) -> list:
         import torch
         x = torch.from_numpy(np.stack(images)).to(self.device)
         with torch.inference_mode():
-            p = self.model(x).float().cpu().numpy()
-        return list(p)
+            return list(self.model(x).float().cpu().numpy())
 
     @rserve.batch(max_batch_size=16, batch_wait_timeout_s=0.002)
-    async def filter_checks(self, items: list) -> list:
-        """Filter checks ``(client_id, image, request_id)`` batched like inference: one
-        call (and one commit) per shard for all the queries that arrived together."""
-        return await self.shards.check_many(items)
+    async def infer(self, images: list) -> list:
+        return await asyncio.get_running_loop().run_in_executor(self.torch_pool, self.forward, images)
 
     # ------------------------------------------------------------------ HTTP
     async def __call__(self, request: Request) -> JSONResponse:
@@ -137,7 +135,7 @@ class RaymiaModel:
             return 200, prediction(probs, opts["top_k"], opts["labels_only"])
         # The filter's check and the model run concurrently; the answer is released only
         # after the filter has counted the query and found the client safe.
-        verdict_task = asyncio.ensure_future(self.filter_checks((client_id, image, uuid.uuid4().hex)))
+        verdict_task = asyncio.ensure_future(self.shards.check(client_id, image, uuid.uuid4().hex))
         try:
             probs = await self.infer(image)
         finally:

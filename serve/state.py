@@ -67,10 +67,12 @@ class ShardRouter:
     """Replica-side handles to the shard actors; re-resolves a shard whose actor died
     (a killed actor is re-created from its name and reloads the state file)."""
 
-    def __init__(self, state_path: str, params: dict, n_shards: int, retries: int = 5):
+    def __init__(self, state_path: str, params: dict, n_shards: int, max_batch: int = 32, retries: int = 5):
         self.state_path, self.params, self.n = state_path, params, n_shards
         self.names = shard_names(state_path, n_shards)
-        self.retries = retries
+        self.max_batch, self.retries = max_batch, retries
+        self.pending: list = [[] for _ in range(n_shards)]
+        self.busy = [False] * n_shards
         self.handles = [self._resolve(i) for i in range(n_shards)]
 
     def _resolve(self, i: int):
@@ -91,20 +93,36 @@ class ShardRouter:
     async def call(self, client_id: str, method: str, *args) -> Any:
         return await self.call_shard(shard_of(client_id, self.n), method, client_id, *args)
 
-    async def check_many(self, items: list) -> list:
-        """Verdicts for ``[(client_id, image, request_id), ...]``: one actor call per shard
-        (concurrently), answers back in the items' order."""
-        groups: dict = {}
-        for k, it in enumerate(items):
-            groups.setdefault(shard_of(it[0], self.n), []).append(k)
-        shards = list(groups)
-        answers = await asyncio.gather(*(self.call_shard(i, "check_many", [items[k] for k in groups[i]])
-                                         for i in shards))
-        out: list = [None] * len(items)
-        for i, ans in zip(shards, answers):
-            for k, a in zip(groups[i], ans):
-                out[k] = a
-        return out
+    async def check(self, client_id: str, image, request_id: str) -> dict:
+        """The filter's verdict for one query.  Checks are batched per shard without a
+        timer: a query goes out at once when no call to its shard is in flight from this
+        replica, else with everything that queued up meanwhile (at most ``max_batch``
+        per call), so there is no added wait at low load and one call (and one commit)
+        for many queries at high load."""
+        i = shard_of(client_id, self.n)
+        fut = asyncio.get_running_loop().create_future()
+        self.pending[i].append(((client_id, image, request_id), fut))
+        if not self.busy[i]:
+            self.busy[i] = True
+            asyncio.ensure_future(self._drain(i))
+        return await fut
+
+    async def _drain(self, i: int) -> None:
+        try:
+            while self.pending[i]:
+                batch, self.pending[i] = self.pending[i][:self.max_batch], self.pending[i][self.max_batch:]
+                try:
+                    verdicts = await self.call_shard(i, "check_many", [item for item, _ in batch])
+                except Exception as e:          # ShardUnavailable etc.: every waiting query gets it
+                    for _, fut in batch:
+                        if not fut.done():
+                            fut.set_exception(e)
+                    continue
+                for (_, fut), v in zip(batch, verdicts):
+                    if not fut.done():
+                        fut.set_result(v)
+        finally:
+            self.busy[i] = False
 
     async def ping_all(self) -> list:
         return await asyncio.gather(*(self.call_shard(i, "ping") for i in range(self.n)))
