@@ -668,7 +668,7 @@ def detection_fpr_plot(summary: pd.DataFrame, calibration: dict, paper_settings:
     from . import report  # noqa: F401  (selects the Agg backend)
     import matplotlib.pyplot as plt
     settings = list(dict.fromkeys(summary["setting"]))
-    fig, axes = plt.subplots(1, len(settings), figsize=(6.2 * len(settings), 4.6), squeeze=False)
+    fig, axes = plt.subplots(1, len(settings), figsize=(8.2 * len(settings), 4.6), squeeze=False)
     cmap = plt.get_cmap("viridis")
     for ax, s in zip(axes[0], settings):
         g = summary[summary["setting"] == s]
@@ -709,7 +709,7 @@ def detection_fpr_plot(summary: pd.DataFrame, calibration: dict, paper_settings:
             ax.scatter([], [], color=cmap(i / max(1, len(ts) - 1)), label=f"T_ssim={t:g}")
         for nb, m in markers.items():
             ax.scatter([], [], marker=m, color="gray", label=f"N_B={nb}")
-        ax.legend(fontsize=7, loc="lower right")
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -777,7 +777,7 @@ def noise_plot(trials: pd.DataFrame, titles: dict, thresholds: dict, path) -> No
         ax.set_xlabel("attack iteration (query)")
         ax.set_ylabel("1 − SSIM(query, previous query)")
         ax.set_title(f"{titles.get(s, s)}: label {first}", fontsize=9)
-        ax.legend(fontsize=6, ncol=2)
+        ax.legend(fontsize=6, ncol=3)
         ax = axes[1, j]
         xs = {sg: (sg if sg > 0 else min([v for v in sig if v > 0] or [1e-5]) / 3) for sg in sig}
         for name, gg in g[g["config"] != NO_FILTER].groupby("config"):
@@ -794,7 +794,7 @@ def noise_plot(trials: pd.DataFrame, titles: dict, thresholds: dict, path) -> No
         ax.set_xlabel("attacker noise σ (leftmost point: σ = 0)")
         ax.set_ylabel("rate")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=6)
+        ax.legend(fontsize=6, loc="center left")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
