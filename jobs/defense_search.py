@@ -69,10 +69,12 @@ def best_defense_yaml(preset: str, params: dict, alpha: float, path: Path) -> No
     path.write_text(header + yaml.safe_dump(doc, sort_keys=False))
 
 
-def run(cfg, preset: str = "orl", out=None, address=None, check_only: bool = False, local: bool = False) -> Path:
+def run(cfg, preset: str = "orl", out=None, address=None, check_only: bool = False, local: bool = False,
+        search_only: bool = False) -> Path:
     """Search (Tune), then check the best defense and the baselines over seeds and
     attackers.  ``check_only`` reuses OUT/search_trials.parquet; ``local`` runs the check
-    in this process without Ray (same library code; e.g. on a GPU box without Ray)."""
+    in this process without Ray (same library code; e.g. on a GPU box without Ray);
+    ``search_only`` stops after the search."""
     root = resolve_out_root(cfg)
     out = Path(out).expanduser().resolve() if out else root / cfg.run.name / "defense_search"
     out.mkdir(parents=True, exist_ok=True)
@@ -88,6 +90,11 @@ def run(cfg, preset: str = "orl", out=None, address=None, check_only: bool = Fal
     evaluator = make_evaluator_actor(cfg, 0, 0, "evaluator", namespace, sweep_anchors=False)
     try:
         trials = _load_trials(out) if check_only else search(cfg, out, namespace)
+        if search_only:
+            best, params = best_of(trials, cfg)
+            print(f"[defense_search] best defense: {params} objective {best['objective']:.3f}; "
+                  f"check it with --check-only [--local]", flush=True)
+            return out
         return _check_and_report(cfg, preset, out, trials,
                                  lambda c, o, combos: run_tune_check(c, o, combos, namespace))
     finally:
@@ -234,8 +241,10 @@ def main():
     p.add_argument("--out", default=None, help="output directory (default: <out_root>/<run.name>/defense_search)")
     p.add_argument("--check-only", action="store_true", help="skip the search; check the best of OUT/search_trials.parquet")
     p.add_argument("--local", action="store_true", help="with --check-only: run the check in this process, no Ray")
+    p.add_argument("--search-only", action="store_true", help="stop after the search (check later with --check-only)")
     args = p.parse_args()
-    run(cli.config_from_args(args), args.preset, args.out, args.address, args.check_only, args.local)
+    run(cli.config_from_args(args), args.preset, args.out, args.address, args.check_only, args.local,
+        args.search_only)
 
 
 if __name__ == "__main__":
