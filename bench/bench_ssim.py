@@ -100,7 +100,8 @@ def timings(size: int, n: int, reps: int, rng) -> dict:
 
 def render(res: dict, cmd: str) -> str:
     lines = [BEGIN, "", f"Command: `{cmd}` (one thread; {res['machine']}; numpy {res['numpy']}, "
-             f"scikit-image {res['skimage']}; {res['date']}).", "",
+             f"scikit-image {res['skimage']}; {res['date']}; load average {res['load_before']:.1f} before the "
+             f"run, {res['load_after']:.1f} after -- other jobs shared the cores, hence best-of-rounds).", "",
              "Query against a 10-image buffer (the filter's work per query at N_B = 10); best of "
              f"{res['reps']} interleaved rounds of {res['n']} calls (median round in brackets):", "",
              "| image | variant | µs per query | speed-up vs skimage |", "|---|---|---|---|"]
@@ -131,8 +132,8 @@ def update_docs(path: Path, block: str) -> None:
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sizes", default="28,32,64")
-    ap.add_argument("--n", type=int, default=300, help="calls per round (skimage: n/10)")
-    ap.add_argument("--reps", type=int, default=15)
+    ap.add_argument("--n", type=int, default=100, help="calls per round (skimage: n/10)")
+    ap.add_argument("--reps", type=int, default=41)
     ap.add_argument("--out", default=str(ROOT / "runs" / "bench"))
     ap.add_argument("--docs", default=str(ROOT / "docs" / "benchmarks.md"))
     ap.add_argument("--no-docs", action="store_true")
@@ -142,7 +143,7 @@ def main():
     sizes = [int(s) for s in args.sizes.split(",")]
     res = {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
            "numpy": np.__version__, "skimage": skimage.__version__, "date": time.strftime("%Y-%m-%d"),
-           "reps": args.reps, "n": args.n, "timings": {}, "agreement": {}}
+           "reps": args.reps, "n": args.n, "timings": {}, "agreement": {}, "load_before": os.getloadavg()[0]}
     for s in sizes:
         res["agreement"][s] = agreement(s, rng)
         res["timings"][s] = timings(s, args.n, args.reps, rng)
@@ -150,6 +151,7 @@ def main():
             print(f"{s}x{s}  {k:60s} {v['best_us']:8.0f} us (median {v['median_us']:.0f})  "
                   f"{v['speedup_vs_skimage']:5.1f}x (median {v['speedup_median']:.1f}x)")
         print(f"{s}x{s}  max |ours - skimage|: " + ", ".join(f"{k} {v:.1e}" for k, v in res["agreement"][s].items()))
+    res["load_after"] = os.getloadavg()[0]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "ssim.json").write_text(json.dumps(res, indent=2))

@@ -623,6 +623,10 @@ class ClientFilterState:
     T_hash and whose SSIM exceeds T_ssim adds one to the counter, returning UNSAFE as
     soon as it reaches L_sp; a query found SAFE is enqueued (FIFO, N_B images).  A
     blocked client stays blocked and its buffer no longer changes.
+
+    Not thread-safe: run one ``check`` at a time per state (e.g. one actor or lock per
+    client).  Memory per client: 4 float32 arrays of N_B x C x H x W (the images and
+    their window statistics).
     """
 
     def __init__(self, params: FilterParams):
@@ -793,6 +797,9 @@ class GlobalIndex:
     into one group (union-find) and adds one to the group's counter; at ``l_sp``
     matches the whole group is blocked for good.  Repeats within one client are left
     to :class:`ClientFilterState`.
+
+    The union-find keeps every client id it has seen (blocked groups must be
+    remembered); a long-running server should rebuild the index periodically.
     """
 
     def __init__(self, params: FilterParams, size: int = 1000, l_sp: Optional[int] = None):
