@@ -84,6 +84,8 @@ def main():
         cfg.run.out_root = str(root)
     out = Path(args.out).expanduser().resolve() if args.out else root / "filter_sweep"
     configs = {s: sweep_configs(c.filter) for s, c in cfgs.items()}
+    from raymia.data import load_bundle
+    names = {s: load_bundle(c.data).class_names for s, c in cfgs.items()}   # a missing data set fails here
     for s, cfg in cfgs.items():
         write_run_record(out / s, cfg, {"setting": s, "configs": {n: q.to_dict() for n, q in configs[s].items()}})
     t0 = time.time()
@@ -147,10 +149,6 @@ def main():
     (out / "calibration.json").write_text(json.dumps(cal_out, indent=2, default=float))
 
     # tables and figures
-    names = {}
-    from raymia.data import load_bundle
-    for s, c in cfgs.items():
-        names[s] = load_bundle(c.data).class_names
     ps = {s: c.filter.paper_setting for s, c in cfgs.items()}
     md = [f"# Similarity filter sweep ({time.strftime('%Y-%m-%d')})", ""]
     for s, c in cfgs.items():
