@@ -7,7 +7,7 @@ export RAY_USAGE_STATS_ENABLED := 0
 export RAY_AUTH_MODE := disabled
 export PYTHONUNBUFFERED := 1
 
-.PHONY: install demo train test bench clean
+.PHONY: install demo train serve search filter test bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -22,6 +22,16 @@ demo: install
 
 train: install
 	$(PY) jobs/train.py $(ARGS)
+
+# the defended model behind the per-client filter on http://127.0.0.1:8000 (trains and sweeps first if needed)
+serve: demo
+	$(VENV)/bin/serve run serve.app $(SERVE_ARGS)
+
+search: install
+	$(PY) jobs/defense_search.py $(ARGS)
+
+filter: install
+	$(PY) jobs/filter_sweep.py $(ARGS)
 
 test: install
 	mkdir -p .tmp
