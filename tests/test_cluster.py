@@ -63,3 +63,17 @@ def test_setup_installs_raymia_with_cuda_torch_and_this_ray(cluster):
     mount = [remote for remote, local in cluster["file_mounts"].items() if local == "."]
     assert mount and f"-e ~/{Path(mount[0]).name}" in setup          # the mounted repo is what gets installed
     assert "RAYMIA_OUT_ROOT=/shared/" in setup and "/shared" in setup.split("mount -t nfs4")[1]
+
+
+def test_gpu_requests_follow_resources_use_gpu(ray_session):
+    """Tune trials ask for GPU shares when GPUs are used; `always` asks before an
+    autoscaling cluster has any GPU (that request is what starts the GPU nodes)."""
+    from raymia.config import load_config
+    from raymia.distributed import cluster_gpus, trial_resources
+    cfg = load_config("orl")
+    assert ("gpu" in trial_resources(cfg)) == (cluster_gpus() > 0)           # auto
+    cfg.resources.use_gpu = "always"
+    assert trial_resources(cfg) == {"cpu": cfg.resources.cpus_per_trial, "gpu": cfg.resources.gpus_per_trial}
+    assert trial_resources(cfg, 1.0)["gpu"] == 1.0                           # attack workers: a whole GPU
+    cfg.resources.use_gpu = "never"
+    assert "gpu" not in trial_resources(cfg, 1.0)
