@@ -57,6 +57,9 @@ class ReconstructionScorer:
         t = torch.as_tensor(list(targets), dtype=torch.long)
         if t.numel() and (int(t.min()) < 0 or int(t.max()) >= self.p2e.numel()):
             raise ValueError(f"target outside R_T's classes 0..{self.p2e.numel() - 1}")
+        if t.numel() and bool((self.p2e[t] < 0).any()):
+            raise ValueError(f"target(s) {sorted(set(t[self.p2e[t] < 0].tolist()))} are not classes of the "
+                             "evaluator R_E (only shared identities can be scored)")
         feats, logits = _embed(self.model, images, self.device)
         et = self.p2e[t]
         true_logit = logits.gather(1, et[:, None])
@@ -79,8 +82,9 @@ class ReconstructionScorer:
     def anchor_floor(self, variant: str) -> float:
         """alpha = 0 floor: how often R_E puts an anchor's own class in its top-k (the
         attack's success if it found the anchor exactly)."""
-        logits = self.anchor_logits[variant]
-        et = self.p2e[self.anchor_y[variant]]
+        shared = self.p2e[self.anchor_y[variant]] >= 0          # anchors of classes R_E knows
+        logits = self.anchor_logits[variant][shared]
+        et = self.p2e[self.anchor_y[variant][shared]]
         rank = (logits > logits.gather(1, et[:, None])).sum(1) + 1
         return float((rank <= self.k).float().mean())
 

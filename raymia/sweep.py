@@ -25,10 +25,17 @@ KEY = ["variant", "alpha", "target", "restart"]
 
 
 def resolve_targets(cfg: Config, n_private: int) -> list[int]:
-    t = list(cfg.attack.targets) or list(range(n_private))
+    """The attack's targets: ``attack.targets``, or every R_T class R_E also knows (all of
+    them unless ``data.eval_shared_ids`` limits the shared identities)."""
+    shared = cfg.data.eval_shared_ids or n_private
+    t = list(cfg.attack.targets) or list(range(min(shared, n_private)))
     bad = [x for x in t if isinstance(x, bool) or not isinstance(x, int) or not 0 <= x < n_private]
     if bad:
         raise ConfigError(f"attack.targets: unknown target(s) {bad}; R_T has classes 0..{n_private - 1}")
+    unscored = [x for x in t if x >= shared]
+    if unscored:
+        raise ConfigError(f"attack.targets: {unscored} are not identities of the evaluator R_E "
+                          f"(data.eval_shared_ids={shared}: targets must lie in 0..{shared - 1})")
     return sorted(set(t))
 
 
@@ -125,7 +132,7 @@ def attack_chunk(cfg: Config, models: SweepModels, chunk: pd.DataFrame, progress
     res = generator_mia(models.combined[variant], models.attacker_gen, chunk["target"].tolist(),
                         chunk["seed"].tolist(), chunk["alpha"].tolist(), iters=cfg.attack.iters,
                         lr=cfg.attack.lr, bound=cfg.attack.latent_bound, device=models.device,
-                        autocast_dtype=autocast_dtype, progress=progress)
+                        autocast_dtype=autocast_dtype, progress=progress, fast=cfg.attack)
     out = chunk.copy()
     out["final_loss"] = res.loss.numpy()
     out["target_conf"] = res.target_conf.numpy()
