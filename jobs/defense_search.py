@@ -111,14 +111,25 @@ def _load_trials(out: Path) -> pd.DataFrame:
 def search(cfg, out: Path, namespace: str) -> pd.DataFrame:
     common = {"cfg": cfg.to_dict(), "adaptive": False, "seed": cfg.run.seed}
     print(f"[defense_search] searching {cfg.search.num_samples} defenses over alphas {cfg.search.alphas}", flush=True)
-    grid = run_defense_trials(cfg, {**common, **search_space(cfg)}, out, "search", "evaluator", namespace,
-                              num_samples=cfg.search.num_samples, search=True)
+    space = search_space(cfg)
+    searchable = [k for k, v in space.items() if hasattr(v, "sample")]
+    start = {k: v for k, v in baselines(cfg)["calibrated"].items() if k in searchable}   # TPE starts from it
+    points = [start] if all(_inside(space[k], v) for k, v in start.items()) else []
+    grid = run_defense_trials(cfg, {**common, **space}, out, "search", "evaluator", namespace,
+                              num_samples=cfg.search.num_samples, search=True, points=points)
     trials = _frame(grid, "search")
     if trials.empty:
         raise RuntimeError("no search trial finished a round; see the Tune log under " + str(out / "tune"))
     trials.to_parquet(out / "search_trials.parquet", index=False)
     trials.to_csv(out / "search_trials.csv", index=False)      # for readers without pyarrow
     return trials
+
+
+def _inside(domain, value) -> bool:
+    """Whether ``value`` lies in a Tune domain (categorical, or numeric [lower, upper])."""
+    if hasattr(domain, "categories"):
+        return value in domain.categories
+    return domain.lower <= value <= domain.upper
 
 
 def best_of(trials: pd.DataFrame, cfg) -> tuple[pd.Series, dict]:

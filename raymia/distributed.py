@@ -456,10 +456,11 @@ def _defense_trial(config: dict) -> None:
 
 
 def run_defense_trials(cfg: Config, param_space: dict, out_dir: Path, name: str, evaluator_name: str,
-                       namespace: str, num_samples: int = 1, search: bool = False):
+                       namespace: str, num_samples: int = 1, search: bool = False, points: Optional[list] = None):
     """Run defense trials on Tune (resuming ``out_dir/tune/name`` if it exists).
-    ``search=True`` adds the configured searcher (Optuna TPE or random) and ASHA, which
-    stops a defense after its first rounds when its objective is among the worse half."""
+    ``search=True`` adds the configured searcher (Optuna TPE, which first evaluates
+    ``points``, or random) and ASHA, which stops a defense after its first rounds when its
+    objective is among the worse half."""
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search import ConcurrencyLimiter
@@ -476,7 +477,7 @@ def run_defense_trials(cfg: Config, param_space: dict, out_dir: Path, name: str,
     if search:
         if cfg.search.searcher == "optuna":
             from ray.tune.search.optuna import OptunaSearch
-            search_alg = OptunaSearch(seed=cfg.run.seed)
+            search_alg = OptunaSearch(seed=cfg.run.seed, points_to_evaluate=points or None)
         if cfg.search.max_concurrent and search_alg is not None:
             search_alg = ConcurrencyLimiter(search_alg, cfg.search.max_concurrent)
         scheduler = ASHAScheduler(time_attr="round", max_t=cfg.attack.restarts, grace_period=1, reduction_factor=2)
