@@ -3,8 +3,9 @@
 * ``bare``     -- R_T alone, no filter (serve.model=target, serve.use_filter=false),
 * ``combined`` -- the combined model R' alone, no filter,
 * ``defended`` -- R' behind the per-client similarity filter (the app as shipped),
+* ``defended_1shard`` -- the same with one filter-state actor instead of ``serve.shards``,
 
-all three deployed side by side in ONE Ray/Serve instance (one route prefix each) and
+all deployed side by side in ONE Ray/Serve instance (one route prefix each) and
 measured in interleaved rounds, so the reported ratios compare like with like on this
 machine.  Each phase: ``--seq`` sequential requests (latency at concurrency 1), then
 ``--seconds`` of ``--concurrency`` keep-alive client threads (throughput, and latency
@@ -23,6 +24,7 @@ from __future__ import annotations
 import argparse
 import http.client
 import json
+import math
 import os
 import socket
 import sys
@@ -47,6 +49,7 @@ VARIANTS = {  # name -> serve overrides
     "bare": {"model": "target", "use_filter": False},
     "combined": {"model": "combined", "use_filter": False},
     "defended": {"model": "combined", "use_filter": True},
+    "defended_1shard": {"model": "combined", "use_filter": True, "shards": 1},
 }
 
 
@@ -148,6 +151,39 @@ def filter_cost(cfg, bodies: list[bytes], out: Path, n: int = 1500) -> dict:
             "check_p99_ms": pct(single, 99), "check_many8_mean_ms_per_query": batched * 1000}
 
 
+class ServerCPU:
+    """CPU seconds used by this benchmark's Ray instance (GCS, raylet and every worker
+    process it started: Serve proxy and controller, replicas, filter actors), read from
+    /proc: a measure of what each request costs the server that other load on the
+    machine does not change (the idle rate of all these processes is subtracted)."""
+
+    def __init__(self, ray):
+        node = ray._private.worker._global_node
+        self.roots = [p.process.pid for k in ("gcs_server", "raylet") for p in node.all_processes.get(k, [])]
+        self.raylet = node.all_processes["raylet"][0].process.pid
+        self.tick = os.sysconf("SC_CLK_TCK")
+
+    def _pids(self) -> list:
+        kids = []
+        for st in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                if int(st.read_text().rsplit(")", 1)[1].split()[1]) == self.raylet:
+                    kids.append(int(st.parent.name))
+            except (OSError, ValueError, IndexError):
+                pass
+        return self.roots + kids
+
+    def seconds(self) -> float:
+        total = 0
+        for pid in self._pids():
+            try:
+                f = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+                total += int(f[11]) + int(f[12])
+            except (OSError, ValueError, IndexError):
+                pass
+        return total / self.tick
+
+
 def pct(xs: list, q: float) -> float:
     return float(np.percentile(np.asarray(xs) * 1000.0, q)) if xs else float("nan")
 
@@ -155,7 +191,7 @@ def pct(xs: list, q: float) -> float:
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_cli_args(p)
-    p.add_argument("--rounds", type=int, default=3, help="interleaved rounds over the three deployments")
+    p.add_argument("--rounds", type=int, default=3, help="interleaved rounds over the deployments")
     p.add_argument("--seq", type=int, default=150, help="sequential requests per phase (latency)")
     p.add_argument("--seconds", type=float, default=8.0, help="length of each throughput phase")
     p.add_argument("--concurrency", type=int, default=8, help="client threads in the throughput phase")
@@ -174,21 +210,22 @@ def main():
     from serve import build_app
 
     state_file = out / "serve_bench_state.sqlite"
-    for suffix in ("", "-wal", "-shm"):
-        Path(str(state_file) + suffix).unlink(missing_ok=True)
+    for old in out.glob("serve_bench_state*.sqlite*"):
+        old.unlink()
     apps = {}
     for name, over in VARIANTS.items():
         c = config_from_dict(cfg.to_dict())
         for k, v in over.items():
             setattr(c.serve, k, v)
-        c.serve.state_path = str(state_file)
+        c.serve.state_path = str(state_file.with_name(f"{state_file.stem}-{name}.sqlite"))
         apps[name] = build_app(c, args.preset)          # fails fast (one message) without artifacts
     bodies = request_bodies(cfg, 600, args.jitter, cfg.run.seed)
 
     fcost = filter_cost(cfg, bodies, out)
     print(f"[bench_serve] filter state update in-process: {json.dumps({k: round(v, 3) for k, v in fcost.items()})}",
           flush=True)
-    ray.init(address="local", num_cpus=max(4, os.cpu_count() or 1), include_dashboard=False,
+    cpus = max(os.cpu_count() or 1, math.ceil(len(apps) * cfg.serve.replica_cpus) + 1)   # every replica fits
+    ray.init(address="local", num_cpus=cpus, include_dashboard=False,
              object_store_memory=256 * 1024 * 1024, log_to_driver=False)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -201,21 +238,30 @@ def main():
         ld.sequential(30, "warmup")
         ld.concurrent(args.concurrency, 2.0, f"warm-{n}")
 
-    acc = {n: {"seq": [], "load": [], "codes": {}, "n": 0, "t": 0.0} for n in apps}
+    server = ServerCPU(ray)
+    c0, t0 = server.seconds(), time.perf_counter()
+    time.sleep(5.0)                                      # idle CPU of all the processes, subtracted below
+    idle_rate = (server.seconds() - c0) / (time.perf_counter() - t0)
+    print(f"[bench_serve] idle server CPU {idle_rate:.3f} cores", flush=True)
+    acc = {n: {"seq": [], "load": [], "codes": {}, "n": 0, "t": 0.0, "cpu": 0.0, "p50": [], "tput": []} for n in apps}
     for r in range(args.rounds):
         order = list(apps) if r % 2 == 0 else list(reversed(list(apps)))
         for n in order:
             lat, codes = loads[n].sequential(args.seq, f"seq-{n}")
+            c0 = server.seconds()
             llat, lcodes, dt = loads[n].concurrent(args.concurrency, args.seconds, f"load-{n}")
             a = acc[n]
+            a["cpu"] += server.seconds() - c0 - idle_rate * dt
             a["seq"] += lat
             a["load"] += llat
             a["n"] += len(llat)
             a["t"] += dt
+            a["p50"].append(pct(lat, 50))
+            a["tput"].append(len(llat) / dt)
             for cd in (codes, lcodes):
                 for k, v in cd.items():
                     a["codes"][k] = a["codes"].get(k, 0) + v
-            print(f"[bench_serve] round {r + 1}/{args.rounds} {n:9s} p50 {pct(lat, 50):6.2f} ms  "
+            print(f"[bench_serve] round {r + 1}/{args.rounds} {n:15s} p50 {pct(lat, 50):6.2f} ms  "
                   f"throughput {len(llat) / dt:6.1f} req/s", flush=True)
     rserve.shutdown()
     ray.shutdown()
@@ -224,38 +270,54 @@ def main():
     for n, a in acc.items():
         rows.append({"deployment": n, "p50_ms": pct(a["seq"], 50), "p99_ms": pct(a["seq"], 99),
                      "req_per_s": a["n"] / a["t"], "p50_load_ms": pct(a["load"], 50),
-                     "p99_load_ms": pct(a["load"], 99), "requests": len(a["seq"]) + a["n"],
-                     "non_200": sum(v for k, v in a["codes"].items() if k != 200)})
+                     "p99_load_ms": pct(a["load"], 99), "server_cpu_ms_per_req": 1000 * a["cpu"] / a["n"],
+                     "requests": len(a["seq"]) + a["n"],
+                     "non_200": sum(v for k, v in a["codes"].items() if k != 200),
+                     "status_codes": " ".join(f"{k}:{v}" for k, v in sorted(a["codes"].items()))})
     by = {r["deployment"]: r for r in rows}
-    d, b, c = by["defended"], by["bare"], by["combined"]
-    summary = {
-        "defense_added_p50_ms": d["p50_ms"] - b["p50_ms"],
-        "defended_throughput_vs_bare": d["req_per_s"] / b["req_per_s"],
-        "filter_added_p50_ms": d["p50_ms"] - c["p50_ms"],
-        "filter_throughput_vs_combined": d["req_per_s"] / c["req_per_s"],
-        "goal": "defense adds <= 2 ms at p50 and keeps >= 80% of bare throughput",
-    }
-    summary["goal_met"] = summary["defense_added_p50_ms"] <= 2.0 and summary["defended_throughput_vs_bare"] >= 0.8
-    fp = config_from_dict(cfg.to_dict()).filter
-    meta = {"preset": args.preset, "rounds": args.rounds, "seq": args.seq, "seconds": args.seconds,
+
+    def paired(x: str, y: str) -> dict:
+        """x against y: pooled numbers, the median over rounds of the per-round difference /
+        ratio (each round measures both back to back), and the ratio of server CPU per request."""
+        ax, ay = acc[x], acc[y]
+        return {"added_p50_ms": by[x]["p50_ms"] - by[y]["p50_ms"],
+                "added_p50_ms_median_of_rounds": float(np.median(np.subtract(ax["p50"], ay["p50"]))),
+                "throughput_ratio": by[x]["req_per_s"] / by[y]["req_per_s"],
+                "throughput_ratio_median_of_rounds": float(np.median(np.divide(ax["tput"], ay["tput"]))),
+                "cpu_ratio": by[y]["server_cpu_ms_per_req"] / by[x]["server_cpu_ms_per_req"]}
+
+    summary = {"defended_vs_bare": paired("defended", "bare"), "defended_vs_combined": paired("defended", "combined"),
+               "combined_vs_bare": paired("combined", "bare"),
+               "defended_1shard_vs_bare": paired("defended_1shard", "bare"),
+               "goal": "defense adds <= 2 ms at p50 and keeps >= 80% of bare throughput"}
+    g = summary["defended_vs_bare"]
+    summary["goal_met"] = g["added_p50_ms"] <= 2.0 and g["throughput_ratio"] >= 0.8
+    fp = cfg.filter
+    meta = {"preset": args.preset, "rounds": args.rounds, "idle_server_cpu_cores": idle_rate, "seq": args.seq, "seconds": args.seconds,
             "concurrency": args.concurrency, "jitter": args.jitter, "cpus": os.cpu_count(),
+            "load_avg_1min_at_end": os.getloadavg()[0],
             "filter": {"n_b": fp.n_b, "t_ssim": fp.t_ssim, "t_hash": fp.t_hash, "l_sp": fp.l_sp},
             "serve": {k: getattr(cfg.serve, k) for k in ("shards", "batch_size", "batch_wait_ms", "replicas",
-                                                          "replica_cpus", "torch_threads")},
+                                                          "replica_cpus", "torch_threads", "fold_bn")},
             "image_shape": list(load_bundle(cfg.data).private_train.x.shape[1:])}
     (out / "serve.json").write_text(json.dumps({"rows": rows, "summary": summary, "filter_in_process": fcost,
                                                 "meta": meta}, indent=2))
     write_run_record(out / "serve_run", cfg, {"bench": "serve", **meta})
     import pandas as pd
-    md = markdown_table(pd.DataFrame(rows).round(2))
-    lines = [md, "",
-             f"defense (R' + filter) vs bare R_T: +{summary['defense_added_p50_ms']:.2f} ms at p50, "
-             f"{summary['defended_throughput_vs_bare']:.0%} of bare throughput; filter alone vs R': "
-             f"+{summary['filter_added_p50_ms']:.2f} ms at p50, {summary['filter_throughput_vs_combined']:.0%} "
-             f"of its throughput. Goal (<= 2 ms, >= 80%): {'met' if summary['goal_met'] else 'NOT met'}.",
-             f"Filter state update in-process (Algorithm 2 + SQLite, N_B={fp.n_b} full buffers): "
-             f"p50 {fcost['check_p50_ms']:.3f} ms, mean {fcost['check_mean_ms']:.3f} ms per query; "
-             f"{fcost['check_many8_mean_ms_per_query']:.3f} ms per query in batches of 8."]
+    lines = [markdown_table(pd.DataFrame(rows).round(2)), ""]
+    for key, label in (("defended_vs_bare", "defended (R' + filter) vs bare R_T"),
+                       ("defended_vs_combined", "defended vs R' alone (the filter's cost)"),
+                       ("combined_vs_bare", "R' alone vs bare R_T (the dummy-model defense's cost)"),
+                       ("defended_1shard_vs_bare", "defended with one filter actor vs bare R_T")):
+        v = summary[key]
+        lines.append(f"- {label}: {v['added_p50_ms']:+.2f} ms at p50 (median of rounds {v['added_p50_ms_median_of_rounds']:+.2f}), "
+                     f"throughput x{v['throughput_ratio']:.2f} (median of rounds x{v['throughput_ratio_median_of_rounds']:.2f}), "
+                     f"server CPU per request x{1 / v['cpu_ratio']:.2f}")
+    lines += ["", f"Goal (defense <= 2 ms at p50, >= 80% of bare throughput): {'met' if summary['goal_met'] else 'NOT met'}. "
+              f"Filter state update in-process (Algorithm 2 + SQLite, N_B={fp.n_b}, full buffers): "
+              f"p50 {fcost['check_p50_ms']:.3f} ms, mean {fcost['check_mean_ms']:.3f} ms per query; "
+              f"{fcost['check_many8_mean_ms_per_query']:.3f} ms per query in batches of 8. "
+              f"Load average at the end: {meta['load_avg_1min_at_end']:.1f} on {meta['cpus']} CPUs."]
     (out / "serve.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     print(f"[bench_serve] outputs: {out / 'serve.json'}, {out / 'serve.md'}")

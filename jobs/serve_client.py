@@ -3,6 +3,7 @@ Fredrikson's attack through the endpoint, and a regular user.
 
     python jobs/serve_client.py attack  [--url http://127.0.0.1:8000] [--client-id mallory] [--target 0]
     python jobs/serve_client.py regular [--url http://127.0.0.1:8000] [--client-id alice] [--label 3]
+    python jobs/serve_client.py sample  [--out runs/serve_samples] [--count 3]   # test faces for curl
 
 Both take the app's --preset/--set (the attacker holds a white-box copy of the served
 model; the regular user sends the preset's real images).
@@ -17,8 +18,10 @@ regular: sends distinct real images of one label (or of every label) once each, 
          noise, and reports whether all were served."""
 import _bootstrap  # noqa: F401
 
+import json
 import sys
 import urllib.error
+from pathlib import Path
 
 import numpy as np
 
@@ -32,7 +35,7 @@ from raymia.serving import (ClientError, ServeClient, attack_endpoint, encode_pn
 
 def parse_args():
     p = cli.parser(__doc__.splitlines()[0])
-    p.add_argument("mode", choices=["attack", "regular"])
+    p.add_argument("mode", choices=["attack", "regular", "sample"])
     p.add_argument("--url", default="http://127.0.0.1:8000", help="the app's address")
     p.add_argument("--client-id", default=None, help="X-Client-Id to send (default: mallory / alice)")
     p.add_argument("--api-key", default=None, help="X-API-Key to send (when the app maps API keys to clients)")
@@ -42,7 +45,21 @@ def parse_args():
     p.add_argument("--label", type=int, default=None, help="regular: send images of this label only (default: all)")
     p.add_argument("--max-images", type=int, default=0, help="regular: send at most this many images (0 = all)")
     p.add_argument("--save", default=None, help="attack: write the reconstruction as a PNG here")
+    p.add_argument("--out", default="runs/serve_samples", help="sample: folder for face-<i>.png and face-<i>.json")
+    p.add_argument("--count", type=int, default=3, help="sample: how many held-out faces to write")
     return p.parse_args()
+
+
+def write_samples(bundle, out: Path, count: int, say) -> int:
+    """Held-out faces of R_T's identities as request bodies: PNG bytes and JSON nested lists."""
+    out.mkdir(parents=True, exist_ok=True)
+    x, y = bundle.private_test.x.numpy(), bundle.private_test.y.numpy()
+    first = [int(np.flatnonzero(y == c)[0]) for c in np.unique(y)]      # one face per class
+    for i, k in enumerate(first[:count]):
+        (out / f"face-{i}.png").write_bytes(encode_png(x[k]))
+        (out / f"face-{i}.json").write_text(json.dumps({"image": x[k].tolist()}))
+        say(f"{out / f'face-{i}.png'} and .json: a held-out face of class {int(y[k])}")
+    return 0
 
 
 def main():
@@ -75,9 +92,11 @@ def main():
                 fh.write(encode_png(res["image"].numpy()))
             say(f"reconstruction written to {args.save}")
         return 0 if res["blocked_at"] else 1
+    bundle = load_bundle(cfg.data)
+    if args.mode == "sample":
+        return write_samples(bundle, Path(args.out), args.count, say)
     cid = args.client_id or "alice"
     client = ServeClient(args.url, cid, args.api_key)
-    bundle = load_bundle(cfg.data)
     x = np.concatenate([bundle.private_test.x.numpy(), bundle.private_train.x.numpy()])
     y = np.concatenate([bundle.private_test.y.numpy(), bundle.private_train.y.numpy()])
     if args.label is not None:

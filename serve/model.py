@@ -131,10 +131,10 @@ class RaymiaModel:
         body = await self._body(request)
         image, opts = parse_predict(request.headers.get("content-type"), body, self.spec, request.query_params)
         if self.shards is None:
-            probs = await self.infer(image)
-            return 200, prediction(probs, opts["top_k"], opts["labels_only"])
-        # The filter's check and the model run concurrently; the answer is released only
-        # after the filter has counted the query and found the client safe.
+            return 200, prediction(await self.infer(image), opts["top_k"], opts["labels_only"])
+        # The filter's check leaves at once and runs while the model's batch forms and
+        # runs; the answer is released only after the filter has counted the query and
+        # found the client safe.
         verdict_task = asyncio.ensure_future(self.shards.check(client_id, image, uuid.uuid4().hex))
         try:
             probs = await self.infer(image)

@@ -97,8 +97,8 @@ class ShardRouter:
         """The filter's verdict for one query.  Checks are batched per shard without a
         timer: a query goes out at once when no call to its shard is in flight from this
         replica, else with everything that queued up meanwhile (at most ``max_batch``
-        per call), so there is no added wait at low load and one call (and one commit)
-        for many queries at high load."""
+        per call): no added wait at low load, one call (and one commit) for many queries
+        at high load."""
         i = shard_of(client_id, self.n)
         fut = asyncio.get_running_loop().create_future()
         self.pending[i].append(((client_id, image, request_id), fut))
