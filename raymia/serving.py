@@ -65,6 +65,7 @@ class ServingPlan:
     alpha_source: str                  # "serve.alpha" | path of recommendation.json | "none"
     state_path: str                    # SQLite file of the filter states
     model: str                         # combined | target
+    combine: Optional[dict] = None     # the config's combine section (rule, gate_tau, gate_temp)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -169,7 +170,8 @@ def resolve_plan(cfg: Config, preset: str = "orl") -> ServingPlan:
                if not artifact_exists(d)]
     if missing:
         raise _missing(cfg, missing, root, preset)
-    return ServingPlan(str(target.resolve()), str(dummy.resolve()), variant, float(alpha), source, sp, "combined")
+    return ServingPlan(str(target.resolve()), str(dummy.resolve()), variant, float(alpha), source, sp, "combined",
+                       dataclasses.asdict(cfg.combine))
 
 
 def load_serving_model(plan: ServingPlan, device="cpu", fold_bn: bool = False):
@@ -185,7 +187,7 @@ def load_serving_model(plan: ServingPlan, device="cpu", fold_bn: bool = False):
         model = ProbModel(rt)
     else:
         dm, _, _ = load_dummy(plan.dummy_dir, device)
-        model = CombinedModel(rt, dm, plan.alpha)
+        model = CombinedModel(rt, dm, plan.alpha, **(plan.combine or {}))
     model = freeze(model.to(device))
     return (fold_batchnorm(model) if fold_bn else model), int(man["n_classes"]), tuple(man["image_shape"])
 
