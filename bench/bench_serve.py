@@ -173,15 +173,24 @@ class ServerCPU:
                 pass
         return self.roots + kids
 
-    def seconds(self) -> float:
-        total = 0
+    GROUPS = (("ray::ProxyActor", "proxy"), ("ray::ServeReplica", "replica"), ("ray::FilterShard", "filter actors"),
+              ("raylet", "raylet+gcs"), ("gcs_server", "raylet+gcs"))
+
+    def by_group(self) -> dict:
+        """CPU seconds so far per process group (proxy, replicas, filter actors, raylet+gcs, other)."""
+        out: dict = {}
         for pid in self._pids():
             try:
                 f = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-                total += int(f[11]) + int(f[12])
+                cmd = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].decode(errors="replace")
             except (OSError, ValueError, IndexError):
-                pass
-        return total / self.tick
+                continue
+            group = next((g for prefix, g in self.GROUPS if prefix in cmd), "other")
+            out[group] = out.get(group, 0.0) + (int(f[11]) + int(f[12])) / self.tick
+        return out
+
+    def seconds(self) -> float:
+        return sum(self.by_group().values())
 
 
 def pct(xs: list, q: float) -> float:
@@ -248,10 +257,13 @@ def main():
         order = list(apps) if r % 2 == 0 else list(reversed(list(apps)))
         for n in order:
             lat, codes = loads[n].sequential(args.seq, f"seq-{n}")
-            c0 = server.seconds()
+            g0 = server.by_group()
             llat, lcodes, dt = loads[n].concurrent(args.concurrency, args.seconds, f"load-{n}")
+            g1 = server.by_group()
             a = acc[n]
-            a["cpu"] += server.seconds() - c0 - idle_rate * dt
+            a["cpu"] += sum(g1.values()) - sum(g0.values()) - idle_rate * dt
+            for g in g1:
+                a.setdefault("groups", {})[g] = a.get("groups", {}).get(g, 0.0) + g1[g] - g0.get(g, 0.0)
             a["seq"] += lat
             a["load"] += llat
             a["n"] += len(llat)
@@ -273,7 +285,9 @@ def main():
                      "p99_load_ms": pct(a["load"], 99), "server_cpu_ms_per_req": 1000 * a["cpu"] / a["n"],
                      "requests": len(a["seq"]) + a["n"],
                      "non_200": sum(v for k, v in a["codes"].items() if k != 200),
-                     "status_codes": " ".join(f"{k}:{v}" for k, v in sorted(a["codes"].items()))})
+                     "status_codes": " ".join(f"{k}:{v}" for k, v in sorted(a["codes"].items())),
+                     "cpu_ms_per_req_by_process": " ".join(f"{g}:{1000 * c / a['n']:.2f}"
+                                                           for g, c in sorted(a.get("groups", {}).items()))})
     by = {r["deployment"]: r for r in rows}
 
     def paired(x: str, y: str) -> dict:
