@@ -18,6 +18,7 @@ regular: sends distinct real images of one label (or of every label) once each, 
          noise, and reports whether all were served."""
 import _bootstrap  # noqa: F401
 
+import argparse
 import json
 import sys
 import urllib.error
@@ -28,13 +29,14 @@ import numpy as np
 from raymia import cli
 from raymia.data import load_bundle
 from raymia.distributed import resolve_out_root
-from raymia.config import ConfigError
+from raymia.config import ConfigError, add_cli_args
 from raymia.serving import (ClientError, ServeClient, attack_endpoint, encode_png, load_serving_model, regular_user,
                             resolve_plan)
 
 
 def parse_args():
-    p = cli.parser(__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_cli_args(p)
     p.add_argument("mode", choices=["attack", "regular", "sample"])
     p.add_argument("--url", default="http://127.0.0.1:8000", help="the app's address")
     p.add_argument("--client-id", default=None, help="X-Client-Id to send (default: mallory / alice)")
