@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 from typing import Any, Optional
 
 import ray
@@ -22,8 +23,12 @@ NAMESPACE = "raymia-serve"
 ACTOR_ERRORS = (RayActorError, ActorDiedError, ActorUnavailableError)
 
 
-def shard_names(state_path: str, n_shards: int) -> list[str]:
-    tag = hashlib.sha256(state_path.encode()).hexdigest()[:10]
+def shard_names(state_path: str, params: dict, n_shards: int) -> list[str]:
+    """Actor names of a state file's shards; the filter parameters are part of the name, so
+    actors left running with other parameters (detached actors outlive the app) are never
+    reused."""
+    key = json.dumps({"state": state_path, "params": params}, sort_keys=True)
+    tag = hashlib.sha256(key.encode()).hexdigest()[:12]
     return [f"filter-{tag}-{i}of{n_shards}" for i in range(n_shards)]
 
 
@@ -69,7 +74,7 @@ class ShardRouter:
 
     def __init__(self, state_path: str, params: dict, n_shards: int, max_batch: int = 32, retries: int = 5):
         self.state_path, self.params, self.n = state_path, params, n_shards
-        self.names = shard_names(state_path, n_shards)
+        self.names = shard_names(state_path, params, n_shards)
         self.max_batch, self.retries = max_batch, retries
         self.pending: list = [[] for _ in range(n_shards)]
         self.busy = [False] * n_shards

@@ -86,11 +86,14 @@ class LiveServe:
 
     def shard_actors(self):
         """(name, handle) of every filter shard actor of the current state file."""
+        import dataclasses
+
         import ray
-        from raymia.serving import state_path
+        from raymia.serving import filter_params, state_path
         from serve.state import NAMESPACE, shard_names
         out = []
-        for n in shard_names(str(state_path(self.cfg).resolve()), self.cfg.serve.shards):
+        params = dataclasses.asdict(filter_params(self.cfg))
+        for n in shard_names(str(state_path(self.cfg).resolve()), params, self.cfg.serve.shards):
             try:
                 out.append((n, ray.get_actor(n, namespace=NAMESPACE)))
             except ValueError:      # not created (yet), or killed for good
