@@ -123,6 +123,11 @@ def _check_rec_matches(cfg: Config, rec_path: Path, variant: str, preset: str) -
             f"{rec_path} was computed for other models ({theirs[0]}, {theirs[1]}) than the ones this config "
             f"serves ({ours[0]}, {ours[1]}); rerun the alpha sweep with this config (`{creation_command(preset)}`) "
             "or set serve.alpha explicitly")
+    if sweep_cfg.combine != cfg.combine:
+        raise ServeSetupError(
+            f"{rec_path} was computed for the combination rule {dataclasses.asdict(sweep_cfg.combine)}, this config "
+            f"serves {dataclasses.asdict(cfg.combine)}; rerun the alpha sweep with this config "
+            f"(`{creation_command(preset)}`) or set serve.alpha explicitly")
 
 
 def resolve_plan(cfg: Config, preset: str = "orl") -> ServingPlan:

@@ -301,6 +301,11 @@ def test_alpha_and_variant_come_from_the_recommendation(serve_artifacts, tmp_pat
     save_config(other, rec.parent / "config.yaml")
     with pytest.raises(ServeSetupError, match="computed for other models"):
         resolve_plan(cfg, "smoke")
+    other = config_from_dict(base.to_dict())
+    other.combine.rule = "gated"                        # same models, another combination rule
+    save_config(other, rec.parent / "config.yaml")
+    with pytest.raises(ServeSetupError, match="combination rule"):
+        resolve_plan(cfg, "smoke")
     cfg.serve.alpha = 0.2                                # an explicit alpha needs no recommendation
     assert resolve_plan(cfg, "smoke").alpha == 0.2
 
