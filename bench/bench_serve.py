@@ -277,6 +277,8 @@ def main():
                   f"throughput {len(llat) / dt:6.1f} req/s", flush=True)
     rserve.shutdown()
     ray.shutdown()
+    for scratch in list(out.glob("serve_bench_state*.sqlite*")) + list(out.glob("filter_cost.sqlite*")):
+        scratch.unlink()
 
     rows = []
     for n, a in acc.items():
