@@ -160,7 +160,7 @@ class DefenseEvaluator:
         attacked = self.released
         if adaptive:
             s = cfg.search
-            attacked = EOTModel(self.released, s.eot_samples, s.eot_shift, s.eot_noise).eval()
+            attacked = EOTModel(self.released, s.eot_samples, s.eot_shift, s.eot_noise, seed=self.seed).eval()
         self.models = SweepModels({key: attacked}, base.F, {}, {key: self.anchors["x"]}, {key: self.anchors["y"]},
                                   base.device)
         self.alphas = alpha_grid(SweepCfg(alphas=list(cfg.search.alphas)))

@@ -101,3 +101,13 @@ def test_local_check_without_ray_matches_the_tune_check(smoke_search):
     from raymia.config import ConfigError
     with pytest.raises(ConfigError, match="--check-only"):
         job.run(cfg, "smoke", out=out / "local", local=True)
+
+
+def test_eot_transforms_are_reproducible():
+    m = torch.nn.Module()
+    m.forward = lambda inp, a=None: torch.softmax(inp.flatten(1)[:, :5] * 50, 1)
+    x = torch.rand(4, 1, 8, 8)
+    a, b = EOTModel(m, samples=3, seed=7), EOTModel(m, samples=3, seed=7)
+    torch.manual_seed(0); ya = a(x)
+    torch.manual_seed(1); yb = b(x)               # the process RNG does not matter
+    assert torch.equal(ya, yb) and not torch.equal(a(x), ya)   # but successive calls draw anew
