@@ -25,15 +25,28 @@ def smoke_runs(tmp_path_factory):
     return tmp_path_factory.mktemp("smoke_runs")
 
 
+# Ray's socket paths (<temp>/session_<date>_<pid>/sockets/plasma_store) must stay under
+# the 107-byte AF_UNIX limit whatever the checkout's path: the session's Ray temp dir is a
+# short one under RAY_TMPDIR when that is short enough, else under /tmp.
+_RAY_TEMP_MAX = 44
+
+
 @pytest.fixture(scope="session")
-def ray_session(tmp_path_factory):
+def ray_session():
     """One local Ray instance for the whole suite (never joins a running cluster)."""
+    import shutil
+    import tempfile
+
     import ray
-    tmp = tmp_path_factory.mktemp("ray")
+    parent = os.environ.get("RAY_TMPDIR")
+    if not parent or len(parent) > _RAY_TEMP_MAX - 12:
+        parent = "/tmp"
+    tmp = tempfile.mkdtemp(prefix="rmia", dir=parent)
     ray.init(address="local", num_cpus=2, include_dashboard=False, object_store_memory=256 * 1024 * 1024,
-             log_to_driver=False, _temp_dir=str(tmp))
+             log_to_driver=False, _temp_dir=tmp)
     yield ray
     ray.shutdown()
+    shutil.rmtree(tmp, ignore_errors=True)
 
 
 # ----------------------------------------------------------------------------- Serve app
