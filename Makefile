@@ -33,6 +33,11 @@ search: install
 filter: install
 	$(PY) jobs/filter_sweep.py $(ARGS)
 
+# speed benchmarks whose numbers are in docs/benchmarks.md (bench/bench_serve.py needs `make demo` first)
+bench: install
+	$(PY) bench/bench_attack.py
+	$(PY) bench/bench_ssim.py
+
 test: install
 	mkdir -p .tmp
 	TMPDIR=$(CURDIR)/.tmp RAY_TMPDIR=$(CURDIR)/.tmp $(PY) -m pytest -q $(ARGS)
