@@ -208,7 +208,7 @@ def main():
     p.add_argument("--out", default=None, help="output directory (default runs/bench)")
     args = p.parse_args()
     cfg = cli.config_from_args(args)
-    root = resolve_out_root(cfg)
+    resolve_out_root(cfg)                      # makes run.out_root absolute
     out = Path(args.out).resolve() if args.out else ROOT / "runs" / "bench"
     out.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")

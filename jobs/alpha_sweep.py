@@ -9,7 +9,6 @@ recommendation.
 Resumable: finished chunks of rows are kept under OUT/rows/ and skipped on rerun."""
 import _bootstrap  # noqa: F401
 
-import argparse
 import json
 from pathlib import Path
 
@@ -18,7 +17,7 @@ import torch
 
 from raymia import cli
 from raymia.artifacts import artifact_exists, read_manifest, write_run_record
-from raymia.config import ConfigError, alpha_grid
+from raymia.config import alpha_grid
 from raymia.data import load_bundle
 from raymia.defenses.dummy import dummy_artifact_dir
 from raymia.distributed import init_ray, resolve_out_root, run_alpha_sweep, run_training

@@ -25,7 +25,7 @@ from raymia.artifacts import write_run_record
 from raymia.config import ConfigError
 from raymia.distributed import init_ray, make_evaluator_actor, resolve_out_root, run_defense_trials
 from raymia.report import PAPER_DUMMY, markdown_table, pareto_plot
-from raymia.search import PARAM_KEYS, baselines, pareto_front, search_space
+from raymia.search import PARAM_KEYS, baselines, pareto_front, search_space, trial_params
 from train import train_base
 
 SUMMARY_COLS = ["objective", "feasible", "best_alpha", "best_mia_success_top5", "best_ci_low", "best_ci_high",
@@ -38,7 +38,7 @@ def _frame(grid, kind: str) -> pd.DataFrame:
         if r.metrics is None or "objective" not in r.metrics:
             continue
         c = r.config
-        params = c.get("params") or {k: c[k] for k in PARAM_KEYS if k in c}
+        params = trial_params(c)
         rows.append({"kind": kind, "trial_id": r.metrics.get("trial_id"), "defense": c.get("defense", "search"),
                      "seed": c.get("seed"), "adaptive": bool(c.get("adaptive", False)),
                      **{f"p_{k}": v for k, v in params.items()},

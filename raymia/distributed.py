@@ -414,10 +414,9 @@ def _defense_trial(config: dict) -> None:
 
     import pandas as pd
     import ray
-    import torch
     from ray import tune
     from safetensors.torch import load_file, save_file
-    from .search import PARAM_KEYS, DefenseEvaluator
+    from .search import DefenseEvaluator, trial_params
     from .training import pick_device, set_threads
     cfg = config_from_dict(config["cfg"])
     set_threads(cfg.run.threads)
@@ -425,7 +424,7 @@ def _defense_trial(config: dict) -> None:
     base = _search_base(cfg, device)
     evaluator = ray.get_actor(config["evaluator"], namespace=config["namespace"])
     spec = config.get("check") or config          # the final check nests (defense, params, seed, adaptive)
-    params = dict(spec.get("params") or {k: spec[k] for k in PARAM_KEYS if k in spec})
+    params = trial_params(spec)
     key = tune.get_context().get_trial_id()
     state, rows = None, []
     ckpt = tune.get_checkpoint()

@@ -40,6 +40,12 @@ PARAM_KEYS = {
 }
 
 
+def trial_params(spec: dict) -> dict:
+    """The defense parameters of a Tune trial's config: its ``params`` entry (the check),
+    or the searched keys (the search)."""
+    return dict(spec.get("params") or {k: spec[k] for k in PARAM_KEYS if k in spec})
+
+
 def search_space(cfg: Config) -> dict:
     """The Tune search space built from ``cfg.search`` (Ray's sampling primitives)."""
     from ray import tune

@@ -6,7 +6,6 @@ import runpy
 import sys
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -16,7 +15,6 @@ from raymia.config import load_config
 from raymia.defenses.filter import ClientFilterState, FilterParams
 from raymia.filter_eval import (NO_FILTER, SimContext, Unit, calibrate, detection_metrics, paper_reference, run_unit,
                                 sweep_configs)
-from raymia.models import ProbModel
 from raymia.training import train_classifier
 
 ROOT = Path(__file__).resolve().parents[1]
