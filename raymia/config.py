@@ -9,13 +9,24 @@ key and the keys that are valid at that level.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
-from typing import Any, Optional, Union, get_args, get_origin, get_type_hints
+from typing import Any, Literal, Optional, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
 PRESET_DIR = Path(__file__).parent / "presets"
+
+# Allowed values, declared once: the fields below are annotated with these Literals and
+# the coercion (:func:`_coerce`) refuses anything else, naming the key and the choices.
+DataName = Literal["orl", "mnist5k", "digits", "imagefolder", "celeba", "mnist"]
+Arch = Literal["faceresnet", "smallcnn", "lenet5"]
+DummyVariant = Literal["paper", "calibrated"]
+AnchorChoice = Literal["random", "far"]
+Rule = Literal["linear", "gated"]
+CompileMode = Literal["off", "default", "max-autotune-no-cudagraphs", "max-autotune", "reduce-overhead"]
+DUMMY_VARIANTS = get_args(DummyVariant)
 
 
 class ConfigError(ValueError):
@@ -33,7 +44,7 @@ class RunCfg:
 
 @dataclass
 class DataCfg:
-    name: str = "orl"            # orl | mnist5k | digits | imagefolder | celeba | mnist
+    name: DataName = "orl"
     root: Optional[str] = None   # local path for user data sets (never downloaded)
     image_size: int = 32
     private_ids: int = 20        # identities of the victim R_T (private set D)
@@ -43,23 +54,23 @@ class DataCfg:
     eval_test_per_id: int = 3    # R_E's held-out images per identity
     aux_lfw: bool = True         # add skimage's 100 LFW faces to the attacker's auxiliary set
     max_per_id: int = 0          # cap images per identity for large folders (0 = all)
-    celeba_target: str = "identity"   # identity | attr
+    celeba_target: Literal["identity", "attr"] = "identity"
     celeba_attrs: list = field(default_factory=lambda: ["Male", "Smiling"])
     split_seed: int = 0
     eval_shared_ids: int = 0     # R_T identities R_E also knows (the first ones; targets); 0 = all
     max_ids: int = 0             # imagefolder: read only the first N identity folders (sorted; 0 = all)
-    aux_name: str = ""           # attacker's auxiliary set from elsewhere: "" (default split) | celeba | imagefolder
+    aux_name: Literal["", "celeba", "imagefolder"] = ""   # attacker's auxiliary set from elsewhere ("" = default split)
     aux_root: Optional[str] = None   # local path of that set (never downloaded)
     aux_max: int = 0             # cap on auxiliary images read (0 = all)
 
 
 @dataclass
 class ClassifierCfg:
-    arch: str = "faceresnet"     # faceresnet | smallcnn | lenet5
+    arch: Arch = "faceresnet"
     width: int = 32
     blocks: list = field(default_factory=lambda: [1, 1, 1])
     embed_dim: int = 128
-    loss: str = "cosface"        # cosface | ce
+    loss: Literal["cosface", "ce"] = "cosface"
     cos_s: float = 16.0
     cos_m: float = 0.2
     epochs: int = 60
@@ -68,7 +79,7 @@ class ClassifierCfg:
     weight_decay: float = 5e-4
     augment: bool = True
     dropout: float = 0.0
-    stem: str = "cifar"          # faceresnet stem: cifar (3x3 s1) | imagenet (7x7 s2 + max-pool)
+    stem: Literal["cifar", "imagenet"] = "cifar"   # faceresnet stem: cifar (3x3 s1) | imagenet (7x7 s2 + max-pool)
 
 
 @dataclass
@@ -89,7 +100,7 @@ class GanCfg:
 
 @dataclass
 class DummyCfg:
-    variant: str = "paper"       # paper | calibrated
+    variant: DummyVariant = "paper"
     sigma2: float = 1.0          # z_i ~ N(0, sigma2 I)
     sigma_tilde2: float = 0.0625 # z_il ~ N(z_i, sigma_tilde2 I)
     m: int = 50                  # neighbours per anchor
@@ -98,7 +109,7 @@ class DummyCfg:
     lr: float = 2e-3
     calib_weight: float = 1.0    # weight of the uniform-on-real-faces term (calibrated only)
     anchors_per_class: int = 1   # beyond the paper: k anchors (each with m neighbours) per class
-    anchor_choice: str = "random"  # random (paper) | far: from a pool, the anchors least similar to any
+    anchor_choice: AnchorChoice = "random"  # random (paper) | far: from a pool, the anchors least similar to any
                                    # real training face in R_T's feature space
     anchor_pool: int = 8         # far: candidates drawn per anchor kept
 
@@ -109,7 +120,7 @@ class SearchCfg:
     num_samples: int = 12            # Tune trials (defense configurations) to try
     max_concurrent: int = 0          # 0 = as many as the cluster's CPUs/GPUs allow
     alphas: list = field(default_factory=lambda: [1.0, 0.5, 0.25, 0.1])
-    searcher: str = "optuna"         # optuna (TPE) | random
+    searcher: Literal["optuna", "random"] = "optuna"   # optuna (TPE) | random
     # search space: [low, high] ranges (log scale for the *_log ranges) and choices
     sigma_tilde2_log: list = field(default_factory=lambda: [0.02, 0.5])
     sigma2: list = field(default_factory=lambda: [0.5, 1.5])
@@ -117,8 +128,8 @@ class SearchCfg:
     calib_weight_log: list = field(default_factory=lambda: [0.1, 10.0])
     epochs: list = field(default_factory=lambda: [5, 20])
     anchors_per_class: list = field(default_factory=lambda: [1, 3])
-    anchor_choices: list = field(default_factory=lambda: ["random", "far"])
-    rules: list = field(default_factory=lambda: ["linear", "gated"])
+    anchor_choices: list[AnchorChoice] = field(default_factory=lambda: ["random", "far"])
+    rules: list[Rule] = field(default_factory=lambda: ["linear", "gated"])
     gate_tau: list = field(default_factory=lambda: [0.2, 0.8])
     # final check of the recommended defense and the baselines
     seeds: list = field(default_factory=lambda: [0, 1, 2])
@@ -130,7 +141,7 @@ class SearchCfg:
 @dataclass
 class CombineCfg:
     """How the released model mixes R_T and R_dmy (not part of R_dmy's training)."""
-    rule: str = "linear"         # linear: Eq. 1 | gated: dummy weight (1-alpha)*sigmoid((max R_dmy - tau)/temp)
+    rule: Rule = "linear"        # linear: Eq. 1 | gated: dummy weight (1-alpha)*sigmoid((max R_dmy - tau)/temp)
     gate_tau: float = 0.5        # gated: R_dmy top confidence at which the gate is half open
     gate_temp: float = 0.05      # gated: gate softness
 
@@ -147,10 +158,10 @@ class AttackCfg:
     fredrikson_lr: float = 0.1
     # fast path of the generator MIA (raymia.attacks.generator_mia.FastPath); defaults are
     # the exact fp32 reference, safe on CPU.  GPU presets turn these on.
-    precision: str = "fp32"      # fp32 | bf16 (autocast; softmax/loss and the latent stay fp32)
+    precision: Literal["fp32", "bf16"] = "fp32"   # bf16: autocast; softmax/loss and the latent stay fp32
     channels_last: bool = False  # NHWC memory format for the frozen nets' convolutions
     fold_bn: bool = False        # fold eval-mode BatchNorm into the preceding conv/linear (on a copy)
-    compile: str = "off"         # off | default | max-autotune-no-cudagraphs | max-autotune | reduce-overhead
+    compile: CompileMode = "off"
     pad_channels: bool = False   # pad the image's channels to 8 (zero weights): tensor-core kernels for the stem
 
 
@@ -160,7 +171,7 @@ class SweepCfg:
     alpha_stop: float = 1.0
     alpha_step: float = 0.05
     alphas: list = field(default_factory=list)    # explicit grid overrides start/stop/step
-    variants: list = field(default_factory=lambda: ["paper", "calibrated"])
+    variants: list[DummyVariant] = field(default_factory=lambda: ["paper", "calibrated"])
     grid_alphas: list = field(default_factory=lambda: [1.0, 0.7, 0.5, 0.25, 0.1])
     bootstrap: int = 1000
     accuracy_tolerance: float = 0.01
@@ -171,17 +182,17 @@ class ResourcesCfg:
     cpus_per_trial: float = 1.0
     gpus_per_trial: float = 0.25       # used only when GPUs exist
     attack_workers: int = 0            # 0 = one per GPU, or 1 on CPU
-    use_gpu: str = "auto"              # auto (if the cluster has GPUs now) | always (autoscaling: ask for them) | never
+    use_gpu: Literal["auto", "always", "never"] = "auto"   # auto: if the cluster has GPUs now; always: autoscaling, ask for them
     object_store_mb: int = 256
 
 
 @dataclass
 class ServeCfg:
     """The Ray Serve app (serve/): what it serves, the filter state, HTTP limits, batching."""
-    variant: str = "auto"          # R_dmy variant: auto (lowest MIA success in recommendation.json) | paper | calibrated
+    variant: Literal["auto", "paper", "calibrated"] = "auto"   # auto: lowest MIA success in recommendation.json
     alpha: Optional[float] = None  # null = the alpha sweep's recommended alpha for the variant
     recommendation: str = ""       # "" = <out_root>/<run.name>/alpha_sweep/recommendation.json
-    model: str = "combined"        # combined (R', defended) | target (R_T alone, undefended; for benchmarks)
+    model: Literal["combined", "target"] = "combined"   # combined: R', defended; target: R_T alone (benchmarks)
     use_filter: bool = True        # per-client similarity filter (section filter) in front of the model
     shards: int = 2                # filter-state actors; clients are sharded by id
     state_path: str = ""           # SQLite file of the filter states; "" = <out_root>/<run.name>/serve/filter_state.sqlite
@@ -265,6 +276,12 @@ class Config:
 
 def _coerce(value: Any, typ: Any, key: str) -> Any:
     origin = get_origin(typ)
+    if origin is Literal:
+        choices = get_args(typ)
+        if value not in choices or isinstance(value, bool) != isinstance(choices[0], bool):
+            raise ConfigError(f"{key} must be one of {', '.join(repr(c) if c == '' else str(c) for c in choices)}; "
+                              f"got {value!r}")
+        return value
     if origin is Union:  # Optional[X]
         args = [a for a in get_args(typ) if a is not type(None)]
         if value is None:
@@ -289,6 +306,9 @@ def _coerce(value: Any, typ: Any, key: str) -> Any:
     if typ is list or origin is list:
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"config key '{key}' expects a list, got {value!r}")
+        item = get_args(typ)
+        if item and get_origin(item[0]) is Literal:
+            return [_coerce(v, item[0], f"{key}[{i}]") for i, v in enumerate(value)]
         return list(value)
     return value
 
@@ -364,6 +384,11 @@ def load_config(preset: str = "orl", overrides: Optional[list[str]] = None) -> C
     return cfg
 
 
+def apply_override(cfg: Config, key: str, value: Any) -> None:
+    """Set one dotted ``key`` of ``cfg`` in place, coerced and checked as an override is."""
+    _apply(cfg, _nest(key, value))
+
+
 def config_from_dict(d: dict) -> Config:
     cfg = Config()
     _apply(cfg, d)
@@ -383,66 +408,44 @@ def _check(cond: bool, msg: str) -> None:
 def validate(cfg: Config) -> None:
     """Reject values no stage could use, with the key in the message."""
     d = cfg.data
-    _check(d.name in ("orl", "mnist5k", "digits", "imagefolder", "celeba", "mnist"),
-           f"data.name must be one of orl, mnist5k, digits, imagefolder, celeba, mnist; got {d.name!r}")
     _check(d.image_size >= 8 and d.image_size & (d.image_size - 1) == 0,
            f"data.image_size must be a power of two >= 8, got {d.image_size}")
     _check(d.private_ids >= 2, "data.private_ids must be >= 2")
     _check(d.train_per_id >= 1 and d.test_per_id >= 1, "data.train_per_id and data.test_per_id must be >= 1")
     _check(0 <= d.eval_shared_ids <= d.private_ids, "data.eval_shared_ids must lie in [0, data.private_ids]")
-    _check(d.aux_name in ("", "celeba", "imagefolder"), f"data.aux_name must be '', celeba or imagefolder, got {d.aux_name!r}")
     _check(d.max_ids >= 0 and d.aux_max >= 0, "data.max_ids and data.aux_max must be >= 0")
     for sec in ("target", "evaluator"):
         c: ClassifierCfg = getattr(cfg, sec)
-        _check(c.arch in ("faceresnet", "smallcnn", "lenet5"), f"{sec}.arch must be faceresnet, smallcnn or lenet5")
-        _check(c.loss in ("cosface", "ce"), f"{sec}.loss must be cosface or ce")
         _check(c.epochs >= 1 and c.batch_size >= 1 and c.lr > 0, f"{sec}: epochs, batch_size and lr must be positive")
-        _check(c.stem in ("cifar", "imagenet"), f"{sec}.stem must be cifar or imagenet, got {c.stem!r}")
     for sec in ("gan", "attacker_gan"):
         g: GanCfg = getattr(cfg, sec)
         _check(g.latent_dim >= 1 and g.iters >= 1 and g.batch_size >= 2, f"{sec}: latent_dim, iters >= 1, batch_size >= 2")
     dm = cfg.dummy
-    _check(dm.variant in ("paper", "calibrated"), f"dummy.variant must be paper or calibrated, got {dm.variant!r}")
     _check(dm.sigma2 > 0 and dm.sigma_tilde2 > 0, "dummy.sigma2 and dummy.sigma_tilde2 must be > 0")
     _check(dm.m >= 1, "dummy.m must be >= 1")
     _check(dm.anchors_per_class >= 1, "dummy.anchors_per_class must be >= 1")
-    _check(dm.anchor_choice in ("random", "far"), f"dummy.anchor_choice must be random or far, got {dm.anchor_choice!r}")
     _check(dm.anchor_pool >= 1, "dummy.anchor_pool must be >= 1")
     se = cfg.search
     _check(se.num_samples >= 1 and se.max_concurrent >= 0, "search.num_samples must be >= 1, search.max_concurrent >= 0")
-    _check(se.searcher in ("optuna", "random"), f"search.searcher must be optuna or random, got {se.searcher!r}")
     for key in ("sigma_tilde2_log", "sigma2", "m", "calib_weight_log", "epochs", "anchors_per_class", "gate_tau"):
         r = getattr(se, key)
         _check(len(r) == 2 and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in r)
                and 0 < r[0] <= r[1], f"search.{key} must be [low, high] with 0 < low <= high, got {r!r}")
-    _check(bool(se.anchor_choices) and set(se.anchor_choices) <= {"random", "far"},
-           "search.anchor_choices must be a non-empty subset of [random, far]")
-    _check(bool(se.rules) and set(se.rules) <= {"linear", "gated"}, "search.rules must be a non-empty subset of [linear, gated]")
+    _check(bool(se.anchor_choices) and bool(se.rules), "search.anchor_choices and search.rules must not be empty")
     _check(bool(se.seeds) and all(isinstance(v, int) and not isinstance(v, bool) for v in se.seeds),
            "search.seeds must be a non-empty list of integers")
     _check(se.eot_samples >= 1 and se.eot_shift >= 0 and se.eot_noise >= 0, "search.eot_*: samples >= 1, shift and noise >= 0")
     alpha_grid(SweepCfg(alphas=list(se.alphas)))
     cb = cfg.combine
-    _check(cb.rule in ("linear", "gated"), f"combine.rule must be linear or gated, got {cb.rule!r}")
     _check(0.0 < cb.gate_tau < 1.0 and cb.gate_temp > 0, "combine.gate_tau must lie in (0, 1) and combine.gate_temp be > 0")
     _check(cfg.attack.restarts >= 1 and cfg.attack.iters >= 1, "attack.restarts and attack.iters must be >= 1")
-    _check(cfg.resources.use_gpu in ("auto", "always", "never"),
-           f"resources.use_gpu must be auto, always or never, got {cfg.resources.use_gpu!r}")
-    _check(cfg.attack.precision in ("fp32", "bf16"), f"attack.precision must be fp32 or bf16, got {cfg.attack.precision!r}")
-    _check(cfg.attack.compile in ("off", "default", "max-autotune-no-cudagraphs", "max-autotune", "reduce-overhead"),
-           "attack.compile must be off, default, max-autotune-no-cudagraphs, max-autotune or reduce-overhead, "
-           f"got {cfg.attack.compile!r}")
-    for v in cfg.sweep.variants:
-        _check(v in ("paper", "calibrated"), f"sweep.variants: unknown variant {v!r} (paper, calibrated)")
     alpha_grid(cfg.sweep)  # raises on a bad grid
     _validate_serve(cfg.serve)
     _validate_filter(cfg.filter)
 
 
 def _validate_serve(s: "ServeCfg") -> None:
-    _check(s.variant in ("auto", "paper", "calibrated"), f"serve.variant must be auto, paper or calibrated, got {s.variant!r}")
     _check(s.alpha is None or 0.0 <= s.alpha <= 1.0, f"serve.alpha must lie in [0, 1] (or null), got {s.alpha!r}")
-    _check(s.model in ("combined", "target"), f"serve.model must be combined or target, got {s.model!r}")
     _check(s.shards >= 1 and s.replicas >= 1, "serve.shards and serve.replicas must be >= 1")
     _check(s.max_body_bytes >= 1024, "serve.max_body_bytes must be >= 1024")
     _check(s.top_k >= 1 and s.batch_size >= 1, "serve.top_k and serve.batch_size must be >= 1")
@@ -504,7 +507,9 @@ def alpha_grid(s: SweepCfg) -> list[float]:
             raise ConfigError("sweep.alpha_step must be > 0")
         if s.alpha_stop < s.alpha_start:
             raise ConfigError("sweep.alpha_stop must be >= sweep.alpha_start")
-        n = int(round((s.alpha_stop - s.alpha_start) / s.alpha_step))
+        # whole steps that fit in [start, stop] (a step that does not divide the range ends
+        # below stop, and stop itself is added), never a value beyond stop
+        n = int(math.floor((s.alpha_stop - s.alpha_start) / s.alpha_step + 1e-9))
         grid = [round(s.alpha_start + i * s.alpha_step, 6) for i in range(n + 1)]
         if grid[-1] < s.alpha_stop - 1e-9:
             grid.append(float(s.alpha_stop))

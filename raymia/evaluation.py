@@ -89,6 +89,16 @@ class ReconstructionScorer:
         return float((rank <= self.k).float().mean())
 
 
+def make_scorer(cfg, bundle, device, anchors: Optional[dict] = None, anchor_labels: Optional[dict] = None):
+    """R_E (the ``evaluator`` artifact of ``cfg``) as a :class:`ReconstructionScorer` of
+    ``bundle``'s private set, with optional anchors per key."""
+    from .kinds import artifact_dir
+    from .training import load_classifier
+    re_model, _ = load_classifier(artifact_dir(cfg, "evaluator"), device)
+    return ReconstructionScorer(re_model, bundle.private_train, bundle.private_to_eval, anchors, device,
+                                anchor_labels=anchor_labels)
+
+
 def bootstrap_ci(per_target: np.ndarray, n_boot: int = 1000, seed: int = 0, level: float = 0.95) -> tuple[float, float]:
     """Percentile bootstrap CI of the mean over targets (targets resampled)."""
     v = np.asarray(per_target, dtype=float)

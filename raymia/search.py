@@ -25,12 +25,13 @@ import pandas as pd
 import torch
 
 from .attacks.adaptive import EOTModel
-from .config import Config, alpha_grid, SweepCfg
+from .config import Config, SweepCfg, alpha_grid, apply_override
 from .data import Bundle, load_bundle
 from .defenses.dummy import combined_model, train_dummy
-from .evaluation import ReconstructionScorer, accuracy_by_alpha, recommend, summarize
+from .evaluation import accuracy_by_alpha, make_scorer, recommend, summarize
 from .sweep import SweepModels, attack_chunk, resolve_targets, row_seed, scored_rows
-from .training import artifact_dir, load_classifier, load_generator
+from .kinds import artifact_dir, dummy_kind
+from .training import load_classifier, load_generator
 
 #: what the search varies; each maps to a config key
 PARAM_KEYS = {
@@ -40,28 +41,15 @@ PARAM_KEYS = {
 }
 
 
+#: the per-defense result columns kept in the search's and the check's tables
+SUMMARY_COLS = ["objective", "feasible", "best_alpha", "best_mia_success_top5", "best_ci_low", "best_ci_high",
+                "best_mia_best_restart_top5", "best_accuracy", "acc_rt", "dmy_top_conf_real"]
+
+
 def trial_params(spec: dict) -> dict:
     """The defense parameters of a Tune trial's config: its ``params`` entry (the check),
     or the searched keys (the search)."""
     return dict(spec.get("params") or {k: spec[k] for k in PARAM_KEYS if k in spec})
-
-
-def search_space(cfg: Config) -> dict:
-    """The Tune search space built from ``cfg.search`` (Ray's sampling primitives)."""
-    from ray import tune
-    s = cfg.search
-    return {
-        "variant": "calibrated",
-        "sigma_tilde2": tune.loguniform(*s.sigma_tilde2_log),
-        "sigma2": tune.uniform(*s.sigma2),
-        "m": tune.randint(int(s.m[0]), int(s.m[1]) + 1),
-        "calib_weight": tune.loguniform(*s.calib_weight_log),
-        "epochs": tune.randint(int(s.epochs[0]), int(s.epochs[1]) + 1),
-        "anchors_per_class": tune.randint(int(s.anchors_per_class[0]), int(s.anchors_per_class[1]) + 1),
-        "anchor_choice": tune.choice(list(s.anchor_choices)),
-        "rule": tune.choice(list(s.rules)),
-        "gate_tau": tune.uniform(*s.gate_tau),
-    }
 
 
 def baselines(cfg: Config) -> dict[str, dict]:
@@ -79,9 +67,7 @@ def apply_params(cfg: Config, params: dict) -> Config:
     for k, v in params.items():
         if k not in PARAM_KEYS:
             raise KeyError(f"unknown defense parameter {k!r}; known: {', '.join(PARAM_KEYS)}")
-        section, key = PARAM_KEYS[k].split(".")
-        cur = getattr(getattr(out, section), key)
-        setattr(getattr(out, section), key, type(cur)(v) if isinstance(cur, (int, float)) and not isinstance(cur, bool) else v)
+        apply_override(out, PARAM_KEYS[k], v.item() if hasattr(v, "item") else v)   # numpy scalars from Tune
     return out
 
 
@@ -129,11 +115,6 @@ def load_base(cfg: Config, device) -> Base:
     return Base(cfg, bundle, rt, G, F_, float(acc), torch.device(device))
 
 
-def make_scorer(cfg: Config, bundle: Bundle, device) -> ReconstructionScorer:
-    re_model, _ = load_classifier(artifact_dir(cfg, "evaluator"), device)
-    return ReconstructionScorer(re_model, bundle.private_train, bundle.private_to_eval, device=device)
-
-
 class DefenseEvaluator:
     """One defense against the real attack, round by round.
 
@@ -151,7 +132,7 @@ class DefenseEvaluator:
         variant = cfg.dummy.variant
         if dummy_state is None:
             dm, ds, metrics = train_dummy(cfg, base.G, base.bundle, variant, base.device,
-                                          self.seed * 1000 + 100 + (variant == "calibrated"), progress, target=base.rt)
+                                          dummy_kind(variant).seed(self.seed), progress, target=base.rt)
             self.anchors = {"x": ds["anchor_x"], "y": ds["anchor_y"]}
         else:
             from .models import build_classifier, freeze

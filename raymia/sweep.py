@@ -19,7 +19,8 @@ import torch
 from .config import Config, ConfigError, alpha_grid
 from .attacks.generator_mia import generator_mia
 from .defenses.dummy import combined_model, dummy_artifact_dir, load_dummy
-from .training import artifact_dir, load_classifier, load_generator
+from .kinds import artifact_dir
+from .training import load_classifier, load_generator
 
 KEY = ["variant", "alpha", "target", "restart"]
 

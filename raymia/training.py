@@ -1,70 +1,24 @@
 """Training: one classifier loop (CE or CosFace, optional augmentation), one GAN loop,
-device/seed handling, progress, and the artifact store keyed by config hash."""
+training and loading the base artifacts of :mod:`raymia.kinds`."""
 from __future__ import annotations
 
-import hashlib
-import json
 import math
-import random
-import sys
 import time
 from pathlib import Path
 from typing import Callable, Optional
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
 from . import artifacts
 from .config import ClassifierCfg, Config, GanCfg, config_from_dict
 from .data import Bundle, Split, load_bundle
+from .kinds import artifact_dir  # noqa: F401  (old import path, until every caller uses raymia.kinds)
+from .kinds import kind as artifact_kind
 from .models import (Classifier, Generator, build_classifier, build_discriminator, build_generator,
                      diff_augment, freeze, recalibrate_bn)
-
-ProgressFn = Callable[[int, int, dict], None]
-
-
-# ----------------------------------------------------------------------------- environment
-
-def pick_device(spec: str = "auto") -> torch.device:
-    """``auto`` -> CUDA when present, else CPU; ``cpu``/``cuda``/``cuda:N`` as given."""
-    if spec in (None, "", "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(spec)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"run.device={spec!r} but CUDA is not available on this machine (use auto or cpu)")
-    return dev
-
-
-def seed_everything(seed: int) -> torch.Generator:
-    random.seed(seed)
-    np.random.seed(seed % 2 ** 32)
-    torch.manual_seed(seed)
-    return torch.Generator().manual_seed(seed)
-
-
-def set_threads(n: int) -> None:
-    if n and n > 0:
-        torch.set_num_threads(n)
-
-
-class Progress:
-    """Prints ``label step/total (pct) eta`` at most every ``every_s`` seconds."""
-
-    def __init__(self, label: str, every_s: float = 10.0, stream=None):
-        self.label, self.every_s, self.t0, self.last = label, every_s, time.time(), 0.0
-        self.stream = stream or sys.stdout
-
-    def __call__(self, step: int, total: int, metrics: dict) -> None:
-        now = time.time()
-        if step < total and now - self.last < self.every_s:
-            return
-        self.last = now
-        el = now - self.t0
-        eta = el / max(step, 1) * (total - step)
-        ms = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items())
-        print(f"[{self.label}] {step}/{total} ({100 * step / max(total, 1):.0f}%) "
-              f"elapsed {el:.0f}s eta {eta:.0f}s {ms}", file=self.stream, flush=True)
+from .progress import Progress, ProgressFn
+from .runtime import pick_device, seed_everything, set_threads
 
 
 # ----------------------------------------------------------------------------- classifier
@@ -138,9 +92,10 @@ def train_classifier(c: ClassifierCfg, train: Split, test: Optional[Split], n_cl
 # ----------------------------------------------------------------------------- GAN
 
 def train_gan(gc: GanCfg, images: torch.Tensor, device, seed: int,
-              progress: Optional[ProgressFn] = None) -> tuple[Generator, dict]:
+              progress: Optional[ProgressFn] = None, hflip: bool = True) -> tuple[Generator, dict]:
     """Non-saturating GAN with DiffAugment on real and fake images and minibatch
-    discrimination in D.  G's BatchNorm statistics are re-estimated at the end so that
+    discrimination in D; real images are mirrored at random when ``hflip`` (faces, not
+    digits: a mirrored digit is another glyph).  G's BatchNorm statistics are re-estimated at the end so that
     eval-mode samples match what G produced in training; G is returned frozen."""
     g = seed_everything(seed)
     ch, size = images.shape[1], images.shape[-1]
@@ -156,7 +111,8 @@ def train_gan(gc: GanCfg, images: torch.Tensor, device, seed: int,
         idx = torch.randint(0, n, (gc.batch_size,), generator=g).to(device)
         real = real_all[idx]
         flip = (torch.rand(gc.batch_size, generator=g) < 0.5).to(device)
-        real = torch.where(flip[:, None, None, None], real.flip(3), real)
+        if hflip:
+            real = torch.where(flip[:, None, None, None], real.flip(3), real)
         z = torch.randn(gc.batch_size, gc.latent_dim, generator=g).to(device)
         fake = G(z)
         d_loss = F.softplus(-D(diff_augment(real, gc.diffaug))).mean() + \
@@ -187,51 +143,20 @@ def sample_grid(G: Generator, path, n: int = 64, seed: int = 0, nrow: int = 8) -
     return Path(path)
 
 
-# ----------------------------------------------------------------------------- artifact store
-
-#: kind -> config sections that determine it (besides data and run.seed)
-KIND_SECTIONS = {
-    "target": ("target",),
-    "evaluator": ("evaluator",),
-    "gan": ("gan",),
-    "attacker_gan": ("attacker_gan",),
-}
-
-
-def artifact_key(cfg: Config, kind: str, extra_sections: tuple = ()) -> dict:
-    """What determines an artifact: its kind, the seed, and the config sections it is
-    built from (data plus the kind's own), each reduced to the values that differ from
-    the section's defaults.  A field added to the config later, with a default that
-    keeps the old behaviour, therefore leaves every existing artifact's key unchanged."""
-    sections = ("data",) + KIND_SECTIONS.get(kind, ()) + tuple(extra_sections)
-    d, default = cfg.to_dict(), Config().to_dict()
-    key = {"seed": cfg.run.seed, "kind": kind}
-    for s in sections:
-        key[s] = {k: v for k, v in d[s].items() if k not in default[s] or default[s][k] != v}
-    return key
-
-
-def artifact_dir(cfg: Config, kind: str, extra_sections: tuple = ()) -> Path:
-    key = artifact_key(cfg, kind, extra_sections)
-    h = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
-    return Path(cfg.run.out_root) / cfg.run.name / "artifacts" / f"{kind}-{h}"
-
-
-def _kind_seed(cfg: Config, kind: str) -> int:
-    return cfg.run.seed * 1000 + sorted(KIND_SECTIONS).index(kind) + 1
-
+# ----------------------------------------------------------------------------- artifacts
 
 def train_artifact(cfg: Config, kind: str, bundle: Optional[Bundle] = None,
                    progress: Optional[ProgressFn] = None) -> Path:
     """Train one base artifact (target, evaluator, gan, attacker_gan) unless an artifact
     with the same config hash exists; return its directory."""
-    out = artifact_dir(cfg, kind)
+    k = artifact_kind(kind)
+    out = k.dir(cfg)
     if artifacts.artifact_exists(out):
         return out
     set_threads(cfg.run.threads)
     device = pick_device(cfg.run.device)
     bundle = bundle or load_bundle(cfg.data)
-    seed = _kind_seed(cfg, kind)
+    seed = k.seed(cfg.run.seed)
     progress = progress or Progress(kind)
     faces = bundle.name not in ("mnist5k", "digits", "mnist")
     meta = {"kind": kind, "config": cfg.to_dict(), "seed": seed, "device": str(device),
@@ -246,32 +171,31 @@ def train_artifact(cfg: Config, kind: str, bundle: Optional[Bundle] = None,
     else:
         gc = cfg.gan if kind == "gan" else cfg.attacker_gan
         imgs = bundle.private_train.x if kind == "gan" else bundle.aux.x
-        G, metrics = train_gan(gc, imgs, device, seed, progress)
+        G, metrics = train_gan(gc, imgs, device, seed, progress, hflip=faces)
         meta.update({"section": kind, "metrics": metrics})
         out = artifacts.save_artifact(out, {"generator": G.state_dict()}, meta)
         sample_grid(G, out / "samples.png", seed=seed)
     return out
 
 
-def _meta_config(man: dict) -> Config:
-    return config_from_dict(man["config"])
+def load_net(directory, device, build, tensors_key: str):
+    """(frozen network, manifest, tensors) of a stored artifact: ``build(cfg, manifest,
+    channels, size)`` makes the network from the config it was trained with."""
+    man, tensors = artifacts.load_artifact(directory)
+    cfg = config_from_dict(man["config"])
+    ch, size = man["image_shape"][0], man["image_shape"][-1]
+    net = build(cfg, man, ch, size)
+    net.load_state_dict(tensors[tensors_key])
+    return freeze(net.to(device)), man, tensors
 
 
 def load_classifier(directory, device="cpu") -> tuple[Classifier, dict]:
-    man, tensors = artifacts.load_artifact(directory)
-    cfg = _meta_config(man)
-    c = getattr(cfg, man["section"])
-    ch, size = man["image_shape"][0], man["image_shape"][-1]
-    model = build_classifier(c, ch, size, man["n_classes"])
-    model.load_state_dict(tensors["model"])
-    return freeze(model.to(device)), man
+    model, man, _ = load_net(directory, device, lambda c, m, ch, size: build_classifier(
+        getattr(c, m["section"]), ch, size, m["n_classes"]), "model")
+    return model, man
 
 
 def load_generator(directory, device="cpu") -> tuple[Generator, dict]:
-    man, tensors = artifacts.load_artifact(directory)
-    cfg = _meta_config(man)
-    gc = getattr(cfg, man["section"])
-    ch, size = man["image_shape"][0], man["image_shape"][-1]
-    G = build_generator(gc, ch, size)
-    G.load_state_dict(tensors["generator"])
-    return freeze(G.to(device)), man
+    G, man, _ = load_net(directory, device, lambda c, m, ch, size: build_generator(
+        getattr(c, m["section"]), ch, size), "generator")
+    return G, man

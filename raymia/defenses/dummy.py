@@ -24,11 +24,11 @@ import torch.nn.functional as F
 from .. import artifacts
 from ..config import Config
 from ..data import Bundle, Split
-from ..models import Generator, build_classifier, freeze
-from ..training import (ProgressFn, artifact_dir, augment_batch, load_classifier, load_generator,
-                        pick_device, predict_logits, train_classifier)
-
-DUMMY_SECTIONS = ("target", "gan", "dummy")
+from ..models import Generator, build_classifier
+from ..kinds import artifact_dir, dummy_kind
+from ..progress import ProgressFn
+from ..runtime import pick_device
+from ..training import augment_batch, load_classifier, load_generator, load_net, predict_logits, train_classifier
 
 
 @torch.no_grad()
@@ -77,8 +77,7 @@ def dummy_training_set(G: Generator, n: int, m: int, sigma2: float, sigma_tilde2
 
 
 def dummy_artifact_dir(cfg: Config, variant: str) -> Path:
-    c = dataclasses.replace(cfg, dummy=dataclasses.replace(cfg.dummy, variant=variant))
-    return artifact_dir(c, f"dummy-{variant}", DUMMY_SECTIONS)
+    return dummy_kind(variant).dir(cfg)
 
 
 def uniform_ce(logits: torch.Tensor) -> torch.Tensor:
@@ -140,7 +139,7 @@ def train_dummy_artifact(cfg: Config, variant: str, bundle: Optional[Bundle] = N
     device = pick_device(cfg.run.device)
     bundle = bundle or load_bundle(cfg.data)
     G, _ = load_generator(artifact_dir(cfg, "gan"), device)
-    seed = cfg.run.seed * 1000 + 100 + (0 if variant == "paper" else 1)
+    seed = dummy_kind(variant).seed(cfg.run.seed)
     model, ds, metrics = train_dummy(cfg, G, bundle, variant, device, seed, progress)
     meta = {"kind": f"dummy-{variant}", "section": "target", "variant": variant, "config": cfg.to_dict(),
             "seed": seed, "n_classes": bundle.n_private, "image_shape": list(bundle.private_train.x.shape[1:]),
@@ -153,14 +152,10 @@ def train_dummy_artifact(cfg: Config, variant: str, bundle: Optional[Bundle] = N
 
 
 def load_dummy(directory, device="cpu"):
-    """(R_dmy frozen, anchors {"z", "x"}, manifest)."""
-    from ..config import config_from_dict
-    man, tensors = artifacts.load_artifact(directory)
-    cfg = config_from_dict(man["config"])
-    ch, size = man["image_shape"][0], man["image_shape"][-1]
-    model = build_classifier(cfg.target, ch, size, man["n_classes"])
-    model.load_state_dict(tensors["model"])
-    return freeze(model.to(device)), tensors["anchors"], man
+    """(R_dmy frozen, anchors {"z", "x", "y"}, manifest)."""
+    model, man, tensors = load_net(directory, device, lambda c, m, ch, size: build_classifier(
+        c.target, ch, size, m["n_classes"]), "model")
+    return model, tensors["anchors"], man
 
 
 class CombinedModel(nn.Module):

@@ -1,4 +1,5 @@
-"""Report: the papers' reference numbers and figures like theirs (matplotlib, Agg)."""
+"""Figures of the dummy-model defense: the paper's Fig. 5 (α sweep) and Fig. 6 (MIA grid),
+and the defense search's Pareto plot (matplotlib, Agg)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -8,13 +9,11 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+
 import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 
-#: Kotsuji & Nakamura (VISAPP 2025), §5.2 / Fig. 5 (VGGFace2, 27 targets x 3 trials)
-PAPER_DUMMY = {"rt_accuracy": 0.958, "mia_success_alpha1": 0.80, "alpha_recommended": 0.25,
-               "mia_success_at_recommended": 0.27, "accuracy_at_recommended": 0.95}
+from ..paper import PAPER_DUMMY  # noqa: E402
 
 VARIANT_STYLE = {"paper": ("tab:red", "o"), "calibrated": ("tab:blue", "s")}
 
@@ -85,14 +84,6 @@ def mia_grid(path, targets: list, real: dict, anchors: dict, recon: dict, alphas
     fig.savefig(path, dpi=130)
     plt.close(fig)
     return Path(path)
-
-
-def markdown_table(df: pd.DataFrame, floatfmt: str = ".3f") -> str:
-    cols = list(df.columns)
-    fmt = lambda v: (format(v, floatfmt) if isinstance(v, (float, np.floating)) else str(v))
-    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    lines += ["| " + " | ".join(fmt(v) for v in row) + " |" for row in df.itertuples(index=False)]
-    return "\n".join(lines)
 
 
 def pareto_plot(points: pd.DataFrame, front: pd.DataFrame, path, acc_rt: float, tolerance: float) -> Path:
