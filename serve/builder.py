@@ -11,7 +11,7 @@ from typing import Optional
 
 from raymia.cli import USER_ERRORS
 from raymia.config import Config
-from raymia.distributed import resolve_out_root
+from raymia.runtime import resolve_out_root
 from raymia.serving import (FilterStateStore, config_from_serve_args, filter_params, hash_secret, load_api_keys,
                             resolve_plan)
 
