@@ -41,9 +41,9 @@ from raymia import cli  # noqa: E402
 from raymia.artifacts import write_run_record  # noqa: E402
 from raymia.config import add_cli_args, config_from_dict  # noqa: E402
 from raymia.data import load_bundle  # noqa: E402
-from raymia.distributed import resolve_out_root  # noqa: E402
+from raymia.runtime import resolve_out_root  # noqa: E402
 from raymia.report import markdown_table  # noqa: E402
-from raymia.serving import encode_png  # noqa: E402
+from raymia.serving.client import encode_png  # noqa: E402
 
 VARIANTS = {  # name -> serve overrides
     "bare": {"model": "target", "use_filter": False},
@@ -125,7 +125,9 @@ def filter_cost(cfg, bodies: list[bytes], out: Path, n: int = 1500) -> dict:
     """In-process cost of the filter's state update (Algorithm 2 + SQLite), ms per query:
     one query per transaction, and batches of 8 (group commit), 8 clients with full buffers."""
     import uuid
-    from raymia.serving import FilterStateStore, InputSpec, filter_params, parse_predict
+    from raymia.serving.http import InputSpec, parse_predict
+    from raymia.serving.plan import filter_params
+    from raymia.serving.store import FilterStateStore
     shape = load_bundle(cfg.data).private_train.x.shape[1:]
     spec = InputSpec(shape[0], shape[1], shape[2], 2, 1)
     imgs = [parse_predict("image/png", b, spec)[0] for b in bodies]

@@ -12,14 +12,15 @@ from typing import Optional
 from raymia.cli import USER_ERRORS
 from raymia.config import Config
 from raymia.runtime import resolve_out_root
-from raymia.serving import (FilterStateStore, config_from_serve_args, filter_params, hash_secret, load_api_keys,
-                            resolve_plan)
+from raymia.serving.http import hash_secret, load_api_keys
+from raymia.serving.plan import config_from_serve_args, filter_params, resolve_plan
+from raymia.serving.store import FilterStateStore
 
 from .model import RaymiaModel
 
 
 def build_app(cfg: Config, preset: str = "orl", admin_token: Optional[str] = None):
-    """The bound application for ``cfg``.  Raises :class:`raymia.serving.ServeSetupError`
+    """The bound application for ``cfg``.  Raises :class:`raymia.serving.plan.ServeSetupError`
     (naming the command that creates them) when artifacts or the alpha are missing.
     ``admin_token`` defaults to the environment variable ``serve.admin_token_env``; the
     replicas only receive its sha256 (and the API keys' hashes)."""

@@ -23,9 +23,9 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 
 from raymia.config import config_from_dict
-from raymia.serving import (InputSpec, RequestError, ServingPlan, check_admin, check_client_id,
-                            check_content_length, identify, load_serving_model, parse_predict, prediction,
-                            too_large)
+from raymia.serving.http import (InputSpec, RequestError, check_admin, check_client_id, check_content_length,
+                                 identify, parse_predict, prediction, too_large)
+from raymia.serving.plan import ServingPlan, load_serving_model
 
 from .state import ShardRouter, ShardUnavailable
 

@@ -1,9 +1,9 @@
 """Per-client filter state in named Ray actors, sharded by client id.
 
 Each :class:`FilterShard` actor owns the clients whose id hashes to its shard
-(:func:`raymia.serving.shard_of`) and runs their checks one at a time, so the updates of
+(:func:`raymia.serving.store.shard_of`) and runs their checks one at a time, so the updates of
 one client are serialised.  The states live in one SQLite file under the run directory
-(:class:`raymia.serving.FilterStateStore`): a restarted actor, replica or app reads them
+(:class:`raymia.serving.store.FilterStateStore`): a restarted actor, replica or app reads them
 back, and every write is version-checked, so the file stays the one truth even if two
 actors ever hold the same client.  The actors are detached and named from the state
 file, so every replica (and a redeployed app) finds the same ones."""
@@ -17,7 +17,7 @@ from typing import Any, Optional
 import ray
 from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
 
-from raymia.serving import FilterStateStore, shard_of
+from raymia.serving.store import FilterStateStore, shard_of
 
 NAMESPACE = "raymia-serve"
 ACTOR_ERRORS = (RayActorError, ActorDiedError, ActorUnavailableError)

@@ -16,8 +16,8 @@ import torch
 
 from raymia.config import ConfigError, config_from_dict, save_config
 from raymia.defenses.filter import FilterInputError, FilterParams
-from raymia.serving import (FilterStateStore, ServeClient, ServeSetupError, attack_endpoint, encode_png,
-                            regular_user, resolve_plan, shard_of)
+from raymia.attacks.endpoint import attack_endpoint, regular_user
+from raymia.serving import FilterStateStore, ServeClient, ServeSetupError, encode_png, resolve_plan, shard_of
 
 ROOT = Path(__file__).resolve().parents[1]
 
