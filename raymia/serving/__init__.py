@@ -13,7 +13,7 @@ Python/numpy/PIL so that it is unit-testable on its own.
 The attacker and regular-user simulations that use the client live in
 :mod:`raymia.attacks.endpoint`; ``attack_endpoint`` and ``regular_user`` are still
 importable from here."""
-from .client import ClientError, Reply, ServeClient, encode_png
+from .client import ClientError, Reply, ServeClient, add_client_args, app_errors, encode_png, write_samples
 from .http import (CLIENT_ID_RE, JPEG_MAGIC, JSON_KEYS, PNG_MAGIC, InputSpec, RequestError, array_from_nested,
                    check_admin, check_array, check_client_id, check_content_length, decode_image_bytes,
                    hash_secret, identify, load_api_keys, parse_predict, prediction, secret_matches, too_large)
@@ -32,7 +32,7 @@ def __getattr__(name: str):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-__all__ = ["ClientError", "Reply", "ServeClient", "encode_png",
+__all__ = ["ClientError", "Reply", "ServeClient", "add_client_args", "app_errors", "encode_png", "write_samples",
            "CLIENT_ID_RE", "JPEG_MAGIC", "JSON_KEYS", "PNG_MAGIC", "InputSpec", "RequestError", "array_from_nested",
            "check_admin", "check_array", "check_client_id", "check_content_length", "decode_image_bytes",
            "hash_secret", "identify", "load_api_keys", "parse_predict", "prediction", "secret_matches", "too_large",

@@ -1,15 +1,20 @@
-"""A stdlib-only HTTP client (``urllib``) for the live Serve app's API."""
+"""A stdlib-only HTTP client (``urllib``) for the live Serve app's API, and request bodies
+for trying it by hand."""
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import time
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Optional
 
 import numpy as np
+
+from ..config import ConfigError
 
 
 def encode_png(img) -> bytes:
@@ -81,3 +86,43 @@ class ServeClient:
 class ClientError(RuntimeError):
     """The endpoint answered something other than a prediction or a block."""
 
+
+def write_samples(bundle, out: Path, count: int, say) -> int:
+    """Held-out faces of R_T's identities as request bodies: PNG bytes and JSON nested lists."""
+    out.mkdir(parents=True, exist_ok=True)
+    x, y = bundle.private_test.x.numpy(), bundle.private_test.y.numpy()
+    first = [int(np.flatnonzero(y == c)[0]) for c in np.unique(y)]      # one face per class
+    for i, k in enumerate(first[:count]):
+        (out / f"face-{i}.png").write_bytes(encode_png(x[k]))
+        (out / f"face-{i}.json").write_text(json.dumps({"image": x[k].tolist()}))
+        say(f"{out / f'face-{i}.png'} and .json: a held-out face of class {int(y[k])}")
+    return 0
+
+
+def add_client_args(p) -> None:
+    """``jobs/serve_client.py``'s own arguments (besides ``--preset``/``--set``)."""
+    p.add_argument("mode", choices=["attack", "regular", "sample"])
+    p.add_argument("--url", default="http://127.0.0.1:8000", help="the app's address")
+    p.add_argument("--client-id", default=None, help="X-Client-Id to send (default: mallory / alice)")
+    p.add_argument("--api-key", default=None, help="X-API-Key to send (when the app maps API keys to clients)")
+    p.add_argument("--target", type=int, default=0, help="attack: R_T class to reconstruct")
+    p.add_argument("--noise", type=float, default=None, help="attack: noise std per query (default filter_sim.noise_std)")
+    p.add_argument("--iters", type=int, default=None, help="attack: most queries (default filter_sim.max_iters)")
+    p.add_argument("--label", type=int, default=None, help="regular: send images of this label only (default: all)")
+    p.add_argument("--max-images", type=int, default=0, help="regular: send at most this many images (0 = all)")
+    p.add_argument("--save", default=None, help="attack: write the reconstruction as a PNG here")
+    p.add_argument("--out", default="runs/serve_samples", help="sample: folder for face-<i>.png and face-<i>.json")
+    p.add_argument("--count", type=int, default=3, help="sample: how many held-out faces to write")
+
+
+@contextlib.contextmanager
+def app_errors():
+    """Turn an unreachable app or an unexpected answer into one-line user errors
+    (:class:`~raymia.config.ConfigError`)."""
+    try:
+        yield
+    except (urllib.error.URLError, ConnectionError, TimeoutError) as e:
+        raise ConfigError(f"cannot reach the app ({getattr(e, 'reason', e)}); start it with `serve run serve.app` "
+                          "and pass its address with --url") from None
+    except ClientError as e:
+        raise ConfigError(f"unexpected answer from the app: {e}") from None
