@@ -37,6 +37,7 @@ import sys
 import time
 from pathlib import Path
 
+# the device machine runs this from a copy of the tree where raymia is not installed
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np  # noqa: E402
@@ -47,10 +48,8 @@ from raymia.attacks.generator_mia import FastPath, check_fast_path, generator_mi
 from raymia.config import load_config  # noqa: E402
 from raymia.defenses.dummy import CombinedModel  # noqa: E402
 from raymia.models import build_classifier, build_generator, freeze  # noqa: E402
-from raymia.training import pick_device  # noqa: E402
-
-#: the paper's full alpha sweep for one defense variant (Kotsuji & Nakamura §5)
-PAPER_SWEEP = {"alphas": 101, "targets": 27, "restarts": 3, "iters": 1500}
+from raymia.paper import PAPER_SWEEP  # noqa: E402
+from raymia.runtime import pick_device  # noqa: E402
 
 #: scale -> (preset, image channels)
 SCALES = {"orl": ("orl", 1), "paper": ("vggface2", 3)}

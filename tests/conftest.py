@@ -1,11 +1,7 @@
 import os
-import sys
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
@@ -66,8 +62,7 @@ def serve_artifacts(tmp_path_factory, orl_smoke):
     root = tmp_path_factory.mktemp("serve_runs")
     cfg = load_config("smoke", [f"run.out_root={root}", "serve.variant=calibrated", "serve.alpha=0.5"])
 
-    def quiet(step, total, metrics):
-        pass
+    from raymia.progress import quiet
     train_artifact(cfg, "target", bundle, quiet)
     train_artifact(cfg, "gan", bundle, quiet)
     train_dummy_artifact(cfg, "calibrated", bundle, quiet)
@@ -91,7 +86,7 @@ class LiveServe:
         return self
 
     def client(self, client_id=None, api_key=None):
-        from raymia.serving import ServeClient
+        from raymia.serving.client import ServeClient
         return ServeClient(self.url, client_id, api_key)
 
     def admin(self, method: str, path: str):
@@ -102,7 +97,7 @@ class LiveServe:
         import dataclasses
 
         import ray
-        from raymia.serving import filter_params, state_path
+        from raymia.serving.plan import filter_params, state_path
         from serve.state import NAMESPACE, shard_names
         out = []
         params = dataclasses.asdict(filter_params(self.cfg))

@@ -12,13 +12,13 @@ import pytest
 from raymia.config import load_config
 from raymia.sweep import KEY, plan_rows, rows_key
 
+from raymia.pipelines import alpha_sweep
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "jobs"))
 
 
 @pytest.fixture(scope="module")
 def smoke_sweep(ray_session, smoke_runs):
-    import alpha_sweep
     cfg = load_config("smoke", [f"run.out_root={smoke_runs}"])
     out = alpha_sweep.run(cfg)
     return cfg, out, alpha_sweep

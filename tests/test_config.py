@@ -28,7 +28,10 @@ def test_overrides_are_typed():
     ("data.aux_lfw=3", "true/false"),
     ("sweep.alphas=[1.5]", "outside [0, 1]"),
     ("sweep.alpha_step=0", "alpha_step must be > 0"),
-    ("dummy.variant=magic", "dummy.variant"),
+    ("dummy.variant=magic", "dummy.variant must be one of paper, calibrated; got 'magic'"),
+    ("sweep.variants=[paper,magic]", "sweep.variants[1] must be one of paper, calibrated"),
+    ("target.arch=vgg", "target.arch must be one of faceresnet, smallcnn, lenet5"),
+    ("data.aux_name=web", "data.aux_name must be one of '', celeba, imagefolder"),
     ("justtext", "section.key=value"),
 ])
 def test_bad_config_is_a_clear_error(override, needle):
@@ -46,3 +49,13 @@ def test_alpha_grid_default_step():
     cfg = load_config("orl")
     g = alpha_grid(cfg.sweep)
     assert g[0] == 1.0 and g[-1] == 0.0 and len(g) == 11            # orl: step 0.1 (2-core budget)
+
+
+@pytest.mark.parametrize("step, expected", [
+    (0.15, [1.0, 0.9, 0.75, 0.6, 0.45, 0.3, 0.15, 0.0]),      # does not divide [0, 1]: stop added, nothing above it
+    (0.35, [1.0, 0.7, 0.35, 0.0]),
+    (0.25, [1.0, 0.75, 0.5, 0.25, 0.0]),
+])
+def test_alpha_grid_steps_that_do_not_divide_the_range(step, expected):
+    cfg = load_config("orl", [f"sweep.alpha_step={step}"])
+    assert alpha_grid(cfg.sweep) == expected

@@ -1,8 +1,6 @@
 """The defense search job on the smoke preset: Tune search (Optuna + ASHA) with the attack
 in the loop, the multi-seed check against the naive and the adaptive attacker, outputs,
 and the best defense as a preset the α sweep accepts."""
-import sys
-from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -12,8 +10,7 @@ from raymia.attacks.adaptive import EOTModel, random_transform
 from raymia.config import load_config
 from raymia.search import apply_params, objective, pareto_front
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "jobs"))
+from raymia.pipelines import defense_search
 
 
 def test_apply_params_and_objective():
@@ -51,7 +48,6 @@ def test_eot_model_averages_transforms():
 
 @pytest.fixture(scope="module")
 def smoke_search(ray_session, smoke_runs):
-    import defense_search
     cfg = load_config("smoke", [f"run.out_root={smoke_runs}", "attack.restarts=2"])
     out = defense_search.run(cfg, "smoke")
     return cfg, out, defense_search
