@@ -39,8 +39,10 @@ class ReconstructionScorer:
     anchor of class i)."""
 
     def __init__(self, evaluator, private: Split, private_to_eval: torch.Tensor,
-                 anchors: Optional[dict] = None, device="cpu", k: int = 5, anchor_labels: Optional[dict] = None):
+                 anchors: Optional[dict] = None, device="cpu", k: int = 5, anchor_labels: Optional[dict] = None,
+                 judges: Optional[dict] = None):
         self.model, self.device, self.k = evaluator, device, k
+        self.judges = dict(judges or {})        # name -> raymia.judges.Judge over R_E's identities
         self.p2e = private_to_eval.long()
         self.private_feats, _ = _embed(evaluator, private.x, device)
         self.private_y = private.y.long()
@@ -77,6 +79,8 @@ class ReconstructionScorer:
             out["dist_anchor"] = (1.0 - sims_a.masked_fill(~own, -2.0).max(1).values).numpy()
         else:
             out["dist_anchor"] = np.full(t.numel(), np.nan)
+        for judge in self.judges.values():       # the independent judges' verdicts, same identities
+            out.update(judge.judge(images, et.tolist()))
         return out
 
     def anchor_floor(self, variant: str) -> float:
@@ -89,14 +93,17 @@ class ReconstructionScorer:
         return float((rank <= self.k).float().mean())
 
 
-def make_scorer(cfg, bundle, device, anchors: Optional[dict] = None, anchor_labels: Optional[dict] = None):
+def make_scorer(cfg, bundle, device, anchors: Optional[dict] = None, anchor_labels: Optional[dict] = None,
+                judges: bool = True):
     """R_E (the ``evaluator`` artifact of ``cfg``) as a :class:`ReconstructionScorer` of
-    ``bundle``'s private set, with optional anchors per key."""
+    ``bundle``'s private set, with optional anchors per key and, with ``judges``, the
+    independent judges of ``cfg.judge`` (:mod:`raymia.judges`)."""
+    from .judges import build_judges
     from .kinds import artifact_dir
     from .training import load_classifier
     re_model, _ = load_classifier(artifact_dir(cfg, "evaluator"), device)
     return ReconstructionScorer(re_model, bundle.private_train, bundle.private_to_eval, anchors, device,
-                                anchor_labels=anchor_labels)
+                                anchor_labels=anchor_labels, judges=build_judges(cfg, bundle) if judges else None)
 
 
 def bootstrap_ci(per_target: np.ndarray, n_boot: int = 1000, seed: int = 0, level: float = 0.95) -> tuple[float, float]:
@@ -110,6 +117,57 @@ def bootstrap_ci(per_target: np.ndarray, n_boot: int = 1000, seed: int = 0, leve
     return float(lo), float(hi)
 
 
+def paired_bootstrap_diff(a: np.ndarray, b: np.ndarray, n_boot: int = 1000, seed: int = 0,
+                          level: float = 0.95) -> tuple[float, float, float]:
+    """Mean of ``b - a`` over paired units (targets) and its percentile bootstrap CI,
+    resampling the pairs together (the same targets, anchors, restarts and seeds)."""
+    a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
+    if a.shape != b.shape:
+        raise ValueError("paired samples must have the same shape")
+    d = b - a
+    lo, hi = bootstrap_ci(d, n_boot, seed, level)
+    return float(d.mean()) if d.size else float("nan"), lo, hi
+
+
+def hierarchical_bootstrap(per_seed: Sequence[np.ndarray], n_boot: int = 2000, seed: int = 0,
+                           level: float = 0.95) -> tuple[float, float, float]:
+    """Estimate and CI of a success rate measured with several seeds: resample the seeds,
+    then the targets within each resampled seed; the statistic is the mean over seeds of
+    the mean over targets.  ``per_seed[i]`` holds seed i's per-target values."""
+    groups = [np.asarray(g, dtype=float) for g in per_seed if len(g)]
+    if not groups:
+        return float("nan"), float("nan"), float("nan")
+    rng = np.random.default_rng(seed)
+    est = float(np.mean([g.mean() for g in groups]))
+    stats = np.empty(n_boot)
+    for i in range(n_boot):
+        picked = rng.integers(0, len(groups), len(groups))
+        stats[i] = np.mean([groups[j][rng.integers(0, groups[j].size, groups[j].size)].mean() for j in picked])
+    lo, hi = np.quantile(stats, [(1 - level) / 2, 1 - (1 - level) / 2])
+    return est, float(lo), float(hi)
+
+
+def paired_differences(trials: pd.DataFrame, variants: Sequence[str], judges: Sequence[str],
+                       n_boot: int = 1000, seed: int = 0) -> pd.DataFrame:
+    """Second variant minus first, per α and judge (R_E = ``re``): the mean difference in
+    per-target top-5 success over the same targets and restarts, with a paired bootstrap CI."""
+    if len(variants) < 2:
+        return pd.DataFrame()
+    va, vb = variants[0], variants[1]
+    cols = {"re": "success_top5", **{j: f"{j}_top5" for j in judges}}
+    rows = []
+    for alpha, g in trials.groupby("alpha"):
+        ga, gb = g[g["variant"] == va], g[g["variant"] == vb]
+        for j, col in cols.items():
+            pa = ga.groupby("target")[col].mean()
+            pb = gb.groupby("target")[col].mean()
+            common = pa.index.intersection(pb.index)
+            d, lo, hi = paired_bootstrap_diff(pa[common].to_numpy(), pb[common].to_numpy(), n_boot, seed)
+            rows.append({"alpha": float(alpha), "judge": j, "first": va, "second": vb, "n_targets": len(common),
+                         "diff_top5": d, "ci_low": lo, "ci_high": hi})
+    return pd.DataFrame(rows).sort_values(["judge", "alpha"], ascending=[True, False]).reset_index(drop=True)
+
+
 @torch.no_grad()
 def accuracy_by_alpha(combined, test: Split, alphas: Sequence[float], device) -> dict[float, float]:
     """Accuracy of R' on ``test`` for every alpha from one forward pass of each branch."""
@@ -119,6 +177,24 @@ def accuracy_by_alpha(combined, test: Split, alphas: Sequence[float], device) ->
         p_t.append(a.cpu()); p_d.append(b.cpu())
     p_t, p_d = torch.cat(p_t), torch.cat(p_d)
     return {float(a): float((combined.mix(p_t, p_d, float(a)).argmax(1) == test.y).float().mean()) for a in alphas}
+
+
+def judge_names(trials: pd.DataFrame) -> list[str]:
+    """The independent judges whose verdicts ``trials`` carries (``<name>_top5`` columns)."""
+    return [c[:-len("_top5")] for c in trials.columns if c.endswith("_top5") and c != "success_top5"]
+
+
+def judge_summary(g: pd.DataFrame, n_boot: int, seed: int) -> dict:
+    """Per judge: per-trial top-5 success with its bootstrap CI over targets, best of
+    restarts, top-1, and the mean distance to the target's nearest real image."""
+    out = {}
+    for j in judge_names(g):
+        per_target = g.groupby("target")[f"{j}_top5"].mean().to_numpy()
+        lo, hi = bootstrap_ci(per_target, n_boot, seed)
+        out.update({f"{j}_top5": float(g[f"{j}_top5"].mean()), f"{j}_ci_low": lo, f"{j}_ci_high": hi,
+                    f"{j}_best_restart_top5": float(g.groupby("target")[f"{j}_top5"].max().mean()),
+                    f"{j}_top1": float(g[f"{j}_top1"].mean()), f"{j}_dist": float(g[f"{j}_dist"].mean())})
+    return out
 
 
 def summarize(trials: pd.DataFrame, accuracy: pd.DataFrame, n_boot: int = 1000, seed: int = 0) -> pd.DataFrame:
@@ -134,7 +210,8 @@ def summarize(trials: pd.DataFrame, accuracy: pd.DataFrame, n_boot: int = 1000, 
                      "mia_success_top5": float(g["success_top5"].mean()), "ci_low": lo, "ci_high": hi,
                      "mia_success_top1": float(g["success_top1"].mean()),
                      "mia_best_restart_top5": float(best.mean()), "best_ci_low": blo, "best_ci_high": bhi,
-                     "dist_private": float(g["dist_private"].mean()), "dist_anchor": float(g["dist_anchor"].mean())})
+                     "dist_private": float(g["dist_private"].mean()), "dist_anchor": float(g["dist_anchor"].mean()),
+                     **judge_summary(g, n_boot, seed)})
     out = pd.DataFrame(rows)
     out = out.merge(accuracy, on=["variant", "alpha"], how="left")
     return out.sort_values(["variant", "alpha"], ascending=[True, False]).reset_index(drop=True)

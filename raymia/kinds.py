@@ -35,8 +35,9 @@ class Kind:
             return cfg
         return dataclasses.replace(cfg, dummy=dataclasses.replace(cfg.dummy, variant=self.variant))
 
-    def seed(self, run_seed: int) -> int:
-        return int(run_seed) * 1000 + self.seed_offset
+    def seed(self, run_seed: int, draw: int = 0) -> int:
+        """``draw`` > 0: an independent redraw of the same kind (R_dmy's report draw)."""
+        return int(run_seed) * 1000 + self.seed_offset + DRAW_STRIDE * int(draw)
 
     def key(self, cfg: Config) -> dict:
         """What determines the artifact: kind, seed and its sections, each reduced to the
@@ -73,14 +74,16 @@ class Kind:
 
 
 BASE_KINDS = ("target", "evaluator", "gan", "attacker_gan")
-# seed offsets 1..4 follow the names' sorted order; 100 + i for the dummy variants
+DRAW_STRIDE = 7919       # seed step between independent draws (a prime: no collision with the offsets)
+# seed offsets 1..4 follow the names' sorted order.  Every R_dmy variant shares offset 100:
+# the variants are compared paired (same anchors, same neighbours, same seed); they differ
+# only in their training objective.
 KINDS: dict[str, Kind] = {
     "attacker_gan": Kind("attacker_gan", "generator", ("attacker_gan",), 1),
     "evaluator": Kind("evaluator", "classifier", ("evaluator",), 2),
     "gan": Kind("gan", "generator", ("gan",), 3),
     "target": Kind("target", "classifier", ("target",), 4),
-    **{f"dummy-{v}": Kind(f"dummy-{v}", "dummy", ("target", "gan", "dummy"), 100 + i, v)
-       for i, v in enumerate(DUMMY_VARIANTS)},
+    **{f"dummy-{v}": Kind(f"dummy-{v}", "dummy", ("target", "gan", "dummy"), 100, v) for v in DUMMY_VARIANTS},
 }
 
 

@@ -48,8 +48,9 @@ def row_seed(cfg: Config, target: int, restart: int) -> int:
 def plan_rows(cfg: Config, n_private: int) -> pd.DataFrame:
     alphas = alpha_grid(cfg.sweep)
     targets = resolve_targets(cfg, n_private)
-    rows = [(v, a, t, r, row_seed(cfg, t, r)) for v in cfg.sweep.variants for r in range(cfg.attack.restarts)
-            for t in targets for a in alphas]
+    first = cfg.attack.restart_offset
+    rows = [(v, a, t, r, row_seed(cfg, t, r)) for v in cfg.sweep.variants
+            for r in range(first, first + cfg.attack.restarts) for t in targets for a in alphas]
     return pd.DataFrame(rows, columns=KEY + ["seed"])
 
 
@@ -61,7 +62,8 @@ def rows_key(cfg: Config) -> str:
     d = cfg.to_dict()
     parts = {k: artifact_dir(cfg, k).name for k in ("target", "evaluator", "attacker_gan")}
     parts.update({f"dummy-{v}": dummy_artifact_dir(cfg, v).name for v in cfg.sweep.variants})
-    parts.update({"attack": {k: v for k, v in d["attack"].items() if k != "batch_rows"}, "combine": d["combine"]})
+    parts.update({"attack": {k: v for k, v in d["attack"].items() if k != "batch_rows"}, "combine": d["combine"],
+                  "judge": d["judge"]})
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:12]
 
 

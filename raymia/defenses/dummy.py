@@ -139,7 +139,7 @@ def train_dummy_artifact(cfg: Config, variant: str, bundle: Optional[Bundle] = N
     device = pick_device(cfg.run.device)
     bundle = bundle or load_bundle(cfg.data)
     G, _ = load_generator(artifact_dir(cfg, "gan"), device)
-    seed = dummy_kind(variant).seed(cfg.run.seed)
+    seed = dummy_kind(variant).seed(cfg.run.seed, cfg.dummy.draw)
     model, ds, metrics = train_dummy(cfg, G, bundle, variant, device, seed, progress)
     meta = {"kind": f"dummy-{variant}", "section": "target", "variant": variant, "config": cfg.to_dict(),
             "seed": seed, "n_classes": bundle.n_private, "image_shape": list(bundle.private_train.x.shape[1:]),
