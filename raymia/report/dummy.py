@@ -16,6 +16,7 @@ import torch  # noqa: E402
 from ..paper import PAPER_DUMMY  # noqa: E402
 
 VARIANT_STYLE = {"paper": ("tab:red", "o"), "calibrated": ("tab:blue", "s")}
+JUDGE_STYLE = {"external": (0, (1, 1)), "classical": (0, (3, 1, 1, 1))}
 
 
 def alpha_sweep_plot(summary: pd.DataFrame, path, acc_target: float, chance_top5: float,
@@ -27,8 +28,12 @@ def alpha_sweep_plot(summary: pd.DataFrame, path, acc_target: float, chance_top5
         g = g.sort_values("alpha")
         color, marker = VARIANT_STYLE.get(variant, ("tab:gray", "^"))
         ax.plot(g["alpha"], g["mia_success_top5"], color=color, marker=marker, ms=4,
-                label=f"MIA success, {variant}")
+                label=f"MIA success (R_E), {variant}")
         ax.fill_between(g["alpha"], g["ci_low"], g["ci_high"], color=color, alpha=0.15)
+        for judge, ls in JUDGE_STYLE.items():       # the independent judges' verdicts on the same rows
+            if f"{judge}_top5" in g:
+                ax.plot(g["alpha"], g[f"{judge}_top5"], color=color, ls=ls, marker=marker, ms=2, lw=1,
+                        label=f"MIA success ({judge} judge), {variant}")
         ax.plot(g["alpha"], g["accuracy"], color=color, ls="--", label=f"accuracy of R', {variant}")
     ax.axhline(acc_target, color="k", lw=0.8, ls=":", label=f"R_T alone ({acc_target:.1%})")
     ax.axhline(chance_top5, color="gray", lw=0.8, ls="-.", label=f"top-5 chance ({chance_top5:.1%})")
@@ -40,7 +45,7 @@ def alpha_sweep_plot(summary: pd.DataFrame, path, acc_target: float, chance_top5
     ax.set_ylim(-0.02, 1.02)
     ax.set_xlim(-0.02, 1.02)
     ax.grid(alpha=0.3)
-    ax.set_title(title or "MIA success (top-5 of R_E) and accuracy of R' = αR_T + (1−α)R_dmy")
+    ax.set_title(title or "MIA success (top-5: R_E and the independent judges) and accuracy of R' = αR_T + (1−α)R_dmy")
     ax.legend(fontsize=7, loc="center right")
     fig.tight_layout()
     fig.savefig(path, dpi=130)
