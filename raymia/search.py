@@ -28,7 +28,7 @@ from .attacks.adaptive import EOTModel
 from .config import Config, SweepCfg, alpha_grid, apply_override
 from .data import Bundle, load_bundle
 from .defenses.dummy import combined_model, train_dummy
-from .evaluation import accuracy_by_alpha, make_scorer, recommend, summarize
+from .evaluation import accuracy_by_alpha, judge_names, make_scorer, recommend, summarize
 from .sweep import SweepModels, attack_chunk, resolve_targets, row_seed, scored_rows
 from .kinds import artifact_dir, dummy_kind
 from .training import load_classifier, load_generator
@@ -187,9 +187,18 @@ class DefenseEvaluator:
         out = objective(s, self.base.acc_rt, self.cfg.sweep.accuracy_tolerance)
         out.update({"rounds_done": len(self.rows), "acc_rt": self.base.acc_rt,
                     "dmy_top_conf_real": self.dummy_metrics.get("dmy_top_conf_real", float("nan"))})
+        trials = pd.concat(self.rows, ignore_index=True)
+        judges = judge_names(trials)
         for row in s.itertuples():
             a = f"{row.alpha:g}"
             out[f"mia_top5@{a}"] = float(row.mia_success_top5)
             out[f"mia_best@{a}"] = float(row.mia_best_restart_top5)
             out[f"acc@{a}"] = float(row.accuracy)
+            for j in judges:
+                out[f"{j}_top5@{a}"] = float(getattr(row, f"{j}_top5"))
+            # per-target success (R_E; judges), for hierarchical CIs over seeds and targets
+            g = trials[trials["alpha"] == row.alpha].groupby("target")
+            out[f"targets@{a}"] = [float(v) for v in g["success_top5"].mean()]
+            for j in judges:
+                out[f"{j}_targets@{a}"] = [float(v) for v in g[f"{j}_top5"].mean()]
         return out

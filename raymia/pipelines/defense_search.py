@@ -12,12 +12,13 @@ import json
 import math
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import yaml
 
 from ..artifacts import write_run_record
 from ..config import ConfigError
-from ..evaluation import make_scorer
+from ..evaluation import hierarchical_bootstrap, make_scorer
 from ..kinds import BASE_KINDS
 from ..paper import dummy_headline
 from ..report import markdown_table, pareto_plot
@@ -171,24 +172,48 @@ def _check_and_report(cfg, preset: str, out: Path, trials: pd.DataFrame, runner)
 
 
 def summarize_check(check: pd.DataFrame, cfg) -> pd.DataFrame:
-    """Mean over seeds per (defense, attacker), with the spread of the per-seed values.
-    A defense is labelled 'naive-only' when the adaptive attacker's success lies above the
-    upper end of the naive attacker's 95% CI (bootstrap over targets, mean over seeds)."""
+    """Per (defense, attacker) over the check's seeds (disjoint from the search's seed).
+
+    ``mia_top5`` with ``ci_low/ci_high``: success at each seed's own best α, the CI a
+    hierarchical bootstrap (seeds, then targets within seeds).  ``deployed_alpha``: the α
+    the defender deploys, chosen against the naive attacker (median of its per-seed best
+    α, on the grid); every attacker -- the adaptive one too -- is reported there as well
+    (``*_deployed``), by R_E and by each independent judge.  A defense is labelled
+    'naive-only' when the adaptive attacker's success at the deployed α lies above the
+    upper end of the naive attacker's CI there."""
+    alphas = list(cfg.search.alphas)
+    deployed = {}
+    for d, g in check[check["attacker"] == "naive"].groupby("defense"):
+        a = g["best_alpha"].dropna()
+        deployed[d] = min(alphas, key=lambda x: abs(x - float(a.median()))) if len(a) else float(alphas[0])
+    judges = sorted({c.split("_targets@")[0] for c in check.columns if "_targets@" in c})
     rows = []
     for (d, att), g in check.groupby(["defense", "attacker"], sort=False):
-        rows.append({"defense": d, "attacker": att, "seeds": len(g), "feasible": bool(g["feasible"].all()),
-                     "best_alpha": float(g["best_alpha"].median()),
-                     "mia_top5": float(g["best_mia_success_top5"].mean()),
-                     "mia_top5_sd": float(g["best_mia_success_top5"].std(ddof=0)),
-                     "ci_low": float(g["best_ci_low"].mean()), "ci_high": float(g["best_ci_high"].mean()),
-                     "mia_best_restart": float(g["best_mia_best_restart_top5"].mean()),
-                     "accuracy": float(g["best_accuracy"].mean()), "acc_rt": float(g["acc_rt"].mean())})
+        own = [np.asarray(r[f"targets@{r['best_alpha']:g}"], float) for _, r in g.iterrows()
+               if not pd.isna(r["best_alpha"]) and isinstance(r.get(f"targets@{r['best_alpha']:g}"), (list, np.ndarray))]
+        est, lo, hi = hierarchical_bootstrap(own, cfg.sweep.bootstrap, cfg.run.seed)
+        dep = deployed.get(d, float(alphas[0]))
+        row = {"defense": d, "attacker": att, "seeds": len(g), "feasible": bool(g["feasible"].all()),
+               "best_alpha": float(g["best_alpha"].median()),
+               "mia_top5": float(g["best_mia_success_top5"].mean()),
+               "mia_top5_sd": float(g["best_mia_success_top5"].std(ddof=0)), "ci_low": lo, "ci_high": hi,
+               "mia_best_restart": float(g["best_mia_best_restart_top5"].mean()),
+               "accuracy": float(g["best_accuracy"].mean()), "acc_rt": float(g["acc_rt"].mean()),
+               "deployed_alpha": dep}
+        for judge, col in [("re", "targets"), *[(j, f"{j}_targets") for j in judges]]:
+            per_seed = [np.asarray(v, float) for v in g.get(f"{col}@{dep:g}", pd.Series(dtype=object))
+                        if isinstance(v, (list, np.ndarray))]
+            e, l, h = hierarchical_bootstrap(per_seed, cfg.sweep.bootstrap, cfg.run.seed)
+            name = "mia_top5" if judge == "re" else f"{judge}_top5"
+            row.update({f"{name}_deployed": e, f"{name}_deployed_ci_low": l, f"{name}_deployed_ci_high": h})
+        rows.append(row)
     out = pd.DataFrame(rows)
     labels = {}
     for d, g in out.groupby("defense"):
         if {"naive", "adaptive"} <= set(g["attacker"]):
             n = g[g["attacker"] == "naive"].iloc[0]
             a = g[g["attacker"] == "adaptive"].iloc[0]
-            labels[d] = "naive-only" if a["mia_top5"] > n["ci_high"] else "holds vs adaptive"
+            labels[d] = ("naive-only" if a["mia_top5_deployed"] > n["mia_top5_deployed_ci_high"]
+                         else "holds vs adaptive")
     out["label"] = out["defense"].map(labels)
     return out
