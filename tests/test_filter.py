@@ -100,6 +100,18 @@ def test_paper_configs():
             FilterParams(**kw)
 
 
+def test_params_from_config_section():
+    """The config's ``filter`` section is exactly the filter's parameters; Table 1 lives in raymia.paper."""
+    from raymia import paper
+    from raymia.config import ConfigError, FilterCfg
+    assert PAPER_TABLE1 is paper.PAPER_TABLE1
+    assert FilterParams.from_config(FilterCfg()) == FilterParams()
+    assert FilterParams.from_config(FilterCfg(n_b=3, l_sp=8), data_range=255.0) == FilterParams(n_b=3, l_sp=8,
+                                                                                             data_range=255.0)
+    with pytest.raises(ConfigError, match="filter: invalid filter parameters: n_b"):
+        FilterParams.from_config(FilterCfg(n_b=0))
+
+
 def _images(n, shape=(16, 16), seed=0):
     return list(np.random.default_rng(seed).random((n,) + shape))
 
