@@ -1,6 +1,6 @@
 """Similarity-filter sweep (Raha et al.): Tune grid over (N_B, T_ssim, T_hash, L_sp) with Table 1's configs, attack and regular-user simulations on Ray actors, tables beside the paper's.
 
-    python jobs/filter_sweep.py [--preset filter_mnist,filter_orl] [--set filter.max_iters=2000] [--out DIR]
+    python jobs/filter_sweep.py [--preset filter_mnist,filter_orl] [--set filter_sim.max_iters=2000] [--out DIR]
     ray job submit --working-dir . -- python jobs/filter_sweep.py
 
 --preset takes one preset or a comma-separated list (one "setting" each; default: MNIST-5k

@@ -211,44 +211,56 @@ class ServeCfg:
     max_ongoing_requests: int = 64 # per replica
 
 
+PaperSetting = Literal["mnist", "celeba"]   # which L_sp row of the filter paper's Table 1
+UserPool = Literal["all", "test"]
+
+
 @dataclass
 class FilterCfg:
-    """The similarity filter (Raha et al.): its parameters (the fields of
-    :class:`raymia.defenses.filter.FilterParams`, used by Serve and as the single-config
-    default), the simulations of section 4.5 and the filter sweep job."""
-    # --- the filter (Algorithm 2); defaults = Table 1, configuration 3 (MNIST row)
+    """The similarity filter (Raha et al., Algorithm 2): exactly its parameters, read by
+    :meth:`raymia.defenses.filter.FilterParams.from_config` for Serve, as the base of
+    every sweep configuration (hash_size, data_range) and by the validation.
+    Defaults = Table 1, configuration 3 (MNIST row)."""
     n_b: int = 10                 # buffer size N_B
     t_ssim: float = 0.999         # match when SSIM > T_ssim ...
     t_hash: float = 0.001         # ... and |hash diff| < T_hash (images in [0, data_range])
     l_sp: int = 4                 # blocked once the suspicious counter reaches L_sp
     hash_size: int = 8            # simple hash: mean intensity after downsampling to this side
     data_range: float = 1.0
-    # --- simulations (section 4.5)
-    paper_setting: str = "mnist"  # which L_sp row of Table 1 the paper configs use: mnist | celeba
+
+
+@dataclass
+class FilterSimCfg:
+    """Simulations of the filter paper (section 4.5) and beyond it (raymia.filter_sim)."""
+    paper_setting: PaperSetting = "mnist"   # which L_sp row of Table 1 the paper configs use
     noise_std: float = 1.0e-4     # attacker's Gaussian noise before every query (paper: unspecified)
     max_iters: int = 3000         # an attack trial stops here if never blocked ("unlimited" in the paper)
     labels: list = field(default_factory=list)   # R_T classes simulated; empty = all
     trials_per_label: int = 3     # attack trials per label (paper: 3)
     user_trials_per_label: int = 3   # regular-user trials per label (paper: 3)
     user_queries: int = 100       # distinct images a regular user sends (fewer if the label has fewer)
-    user_pool: str = "all"        # images regular users draw from: all (train+test of the label) | test
+    user_pool: UserPool = "all"   # images regular users draw from: all (train+test of the label) | test
     success_conf: float = 0.9     # attack "reached the target": R_T confidence >= this before the block
-    # --- the sweep (jobs/filter_sweep.py)
-    paper_configs: list = field(default_factory=lambda: [1, 2, 3])   # Table 1 configs always included
-    grid_n_b: list = field(default_factory=lambda: [10, 20])
-    grid_t_ssim: list = field(default_factory=lambda: [0.9, 0.95, 0.99, 0.999, 0.9999, 0.99999])
-    grid_t_hash: list = field(default_factory=lambda: [1.0e-4, 1.0e-3, 1.0e-2])
-    grid_l_sp: list = field(default_factory=list)   # empty = Table 1's L_sp for paper_setting
-    fpr_target: float = 0.05      # calibration: fewest iterations before detection with FPR <= this
-    ablation_data_range: float = 255.0   # also run Table 1 with SSIM's L set to this on [0,1] images (0 = off)
     # --- beyond the paper: adaptive noise, Sybil attacker, cross-client check
     noise_grid: list = field(default_factory=lambda: [0.0, 3.0e-5, 1.0e-4, 3.0e-4, 1.0e-3, 3.0e-3, 1.0e-2,
                                                               3.0e-2, 0.1])
     extra_labels: int = 3         # labels (first N of `labels`) for these experiments, 1 trial each
     sybil_k: list = field(default_factory=lambda: [1, 4, 16])
     global_size: int = 1000       # cross-client index: last queries of all clients kept
-    global_l_sp: int = 0          # cross-client matches before a linked group is blocked; 0 = l_sp
+    global_l_sp: int = 0          # cross-client matches before a linked group is blocked; 0 = filter.l_sp
     actors: int = 0               # simulation actors; 0 = one per CPU (or per GPU)
+
+
+@dataclass
+class FilterSweepCfg:
+    """The filter sweep (jobs/filter_sweep.py): which configurations are simulated, and the calibration."""
+    paper_configs: list = field(default_factory=lambda: [1, 2, 3])   # Table 1 configs always included
+    grid_n_b: list = field(default_factory=lambda: [10, 20])
+    grid_t_ssim: list = field(default_factory=lambda: [0.9, 0.95, 0.99, 0.999, 0.9999, 0.99999])
+    grid_t_hash: list = field(default_factory=lambda: [1.0e-4, 1.0e-3, 1.0e-2])
+    grid_l_sp: list = field(default_factory=list)   # empty = Table 1's L_sp for filter_sim.paper_setting
+    fpr_target: float = 0.05      # calibration: fewest iterations before detection with FPR <= this
+    ablation_data_range: float = 255.0   # also run Table 1 with SSIM's L set to this on [0,1] images (0 = off)
 
 
 @dataclass
@@ -267,6 +279,8 @@ class Config:
     resources: ResourcesCfg = field(default_factory=ResourcesCfg)
     serve: ServeCfg = field(default_factory=ServeCfg)
     filter: FilterCfg = field(default_factory=FilterCfg)
+    filter_sim: FilterSimCfg = field(default_factory=FilterSimCfg)
+    filter_sweep: FilterSweepCfg = field(default_factory=FilterSweepCfg)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -441,7 +455,7 @@ def validate(cfg: Config) -> None:
     _check(cfg.attack.restarts >= 1 and cfg.attack.iters >= 1, "attack.restarts and attack.iters must be >= 1")
     alpha_grid(cfg.sweep)  # raises on a bad grid
     _validate_serve(cfg.serve)
-    _validate_filter(cfg.filter)
+    _validate_filter(cfg)
 
 
 def _validate_serve(s: "ServeCfg") -> None:
@@ -457,35 +471,38 @@ def _validate_serve(s: "ServeCfg") -> None:
            f"got {s.admin_token_env!r}")
 
 
-def _validate_filter(f: "FilterCfg") -> None:
-    from .defenses.filter import FilterParams, PAPER_TABLE1
-    try:
-        FilterParams(n_b=f.n_b, t_ssim=f.t_ssim, t_hash=f.t_hash, l_sp=f.l_sp, hash_size=f.hash_size,
-                     data_range=f.data_range)
-    except ValueError as e:
-        raise ConfigError(f"filter: {e}") from None
-    _check(f.paper_setting in ("mnist", "celeba"), f"filter.paper_setting must be mnist or celeba, got {f.paper_setting!r}")
+def _validate_filter(cfg: "Config") -> None:
+    """The sections ``filter``, ``filter_sim`` and ``filter_sweep``."""
+    from .defenses.filter import FilterParams
+    from .paper import PAPER_TABLE1
+    FilterParams.from_config(cfg.filter)          # ConfigError "filter: ..." on a bad value
+    f = cfg.filter_sim
     _check(f.max_iters >= 1 and f.trials_per_label >= 1 and f.user_trials_per_label >= 0,
-           "filter.max_iters and filter.trials_per_label must be >= 1, filter.user_trials_per_label >= 0")
-    _check(f.user_queries >= 2, "filter.user_queries must be >= 2 (one query alone can never match)")
-    _check(f.user_pool in ("all", "test"), f"filter.user_pool must be all or test, got {f.user_pool!r}")
+           "filter_sim.max_iters and filter_sim.trials_per_label must be >= 1, filter_sim.user_trials_per_label >= 0")
+    _check(f.user_queries >= 2, "filter_sim.user_queries must be >= 2 (one query alone can never match)")
     _check(f.noise_std >= 0 and all(_num(v) and v >= 0 for v in f.noise_grid),
-           "filter.noise_std and filter.noise_grid values must be numbers >= 0")
-    _check(0.0 <= f.success_conf <= 1.0 and 0.0 <= f.fpr_target <= 1.0,
-           "filter.success_conf and filter.fpr_target must lie in [0, 1]")
-    _check(all(isinstance(k, int) and not isinstance(k, bool) and 1 <= k <= len(PAPER_TABLE1) for k in f.paper_configs),
-           f"filter.paper_configs must list Table 1 configurations 1..{len(PAPER_TABLE1)}, got {f.paper_configs!r}")
-    for name in ("labels", "grid_n_b", "grid_l_sp", "sybil_k"):
+           "filter_sim.noise_std and filter_sim.noise_grid values must be numbers >= 0")
+    _check(0.0 <= f.success_conf <= 1.0, "filter_sim.success_conf must lie in [0, 1]")
+    for name in ("labels", "sybil_k"):
         vals = getattr(f, name)
         _check(all(isinstance(v, int) and not isinstance(v, bool) and v >= (0 if name == "labels" else 1) for v in vals),
-               f"filter.{name} must list integers >= {0 if name == 'labels' else 1}, got {vals!r}")
-    _check(all(_num(v) and -1 <= v <= 1 for v in f.grid_t_ssim), "filter.grid_t_ssim values must lie in [-1, 1]")
-    _check(all(_num(v) and v >= 0 for v in f.grid_t_hash), "filter.grid_t_hash values must be numbers >= 0")
-    _check(bool(f.paper_configs) or bool(f.grid_n_b and f.grid_t_ssim and f.grid_t_hash),
-           "filter: the sweep needs paper_configs or non-empty grid_n_b, grid_t_ssim and grid_t_hash")
-    _check(f.ablation_data_range >= 0, "filter.ablation_data_range must be >= 0 (0 = off)")
+               f"filter_sim.{name} must list integers >= {0 if name == 'labels' else 1}, got {vals!r}")
     _check(f.extra_labels >= 0 and f.global_size >= 1 and f.global_l_sp >= 0 and f.actors >= 0,
-           "filter.extra_labels, filter.global_l_sp and filter.actors must be >= 0, filter.global_size >= 1")
+           "filter_sim.extra_labels, filter_sim.global_l_sp and filter_sim.actors must be >= 0, "
+           "filter_sim.global_size >= 1")
+    w = cfg.filter_sweep
+    _check(0.0 <= w.fpr_target <= 1.0, "filter_sweep.fpr_target must lie in [0, 1]")
+    _check(all(isinstance(k, int) and not isinstance(k, bool) and 1 <= k <= len(PAPER_TABLE1) for k in w.paper_configs),
+           f"filter_sweep.paper_configs must list Table 1 configurations 1..{len(PAPER_TABLE1)}, got {w.paper_configs!r}")
+    for name in ("grid_n_b", "grid_l_sp"):
+        vals = getattr(w, name)
+        _check(all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in vals),
+               f"filter_sweep.{name} must list integers >= 1, got {vals!r}")
+    _check(all(_num(v) and -1 <= v <= 1 for v in w.grid_t_ssim), "filter_sweep.grid_t_ssim values must lie in [-1, 1]")
+    _check(all(_num(v) and v >= 0 for v in w.grid_t_hash), "filter_sweep.grid_t_hash values must be numbers >= 0")
+    _check(bool(w.paper_configs) or bool(w.grid_n_b and w.grid_t_ssim and w.grid_t_hash),
+           "filter_sweep: the sweep needs paper_configs or non-empty grid_n_b, grid_t_ssim and grid_t_hash")
+    _check(w.ablation_data_range >= 0, "filter_sweep.ablation_data_range must be >= 0 (0 = off)")
 
 
 def _num(v) -> bool:

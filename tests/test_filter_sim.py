@@ -2,26 +2,25 @@
 the bank of configurations, regular users, the Sybil attacker, the metrics (Eqs. 2-5)
 and a tiny filter sweep job through Ray."""
 import math
-import runpy
-import sys
-from pathlib import Path
 
 import pandas as pd
 import pytest
 import torch
 
 from raymia.attacks.fredrikson import fredrikson_attack
-from raymia.config import load_config
+from raymia.cli import filter_sweep
+from raymia.config import ConfigError, load_config
 from raymia.defenses.filter import ClientFilterState, FilterParams
-from raymia.filter_eval import (NO_FILTER, SimContext, Unit, calibrate, detection_metrics, paper_reference, run_unit,
-                                sweep_configs)
+from raymia.filter_sim import (NO_FILTER, SimContext, Unit, calibrate, detection_metrics, main_units, run_unit,
+                               setting_key, sweep_configs)
+from raymia.paper import paper_reference
 from raymia.training import train_classifier
 
-ROOT = Path(__file__).resolve().parents[1]
 SMALL = ["data.train_per_id=60", "data.test_per_id=20", "target.epochs=3", "evaluator.epochs=3",
-         "filter.labels=[0,1]", "filter.trials_per_label=1", "filter.user_trials_per_label=1", "filter.user_queries=20",
-         "filter.max_iters=150", "filter.grid_n_b=[10]", "filter.grid_t_ssim=[0.99]", "filter.grid_t_hash=[0.001]",
-         "filter.noise_grid=[0.001]", "filter.sybil_k=[3]", "filter.extra_labels=1", "filter.ablation_data_range=0"]
+         "filter_sim.labels=[0,1]", "filter_sim.trials_per_label=1", "filter_sim.user_trials_per_label=1",
+         "filter_sim.user_queries=20", "filter_sim.max_iters=150", "filter_sweep.grid_n_b=[10]",
+         "filter_sweep.grid_t_ssim=[0.99]", "filter_sweep.grid_t_hash=[0.001]", "filter_sim.noise_grid=[0.001]",
+         "filter_sim.sybil_k=[3]", "filter_sim.extra_labels=1", "filter_sweep.ablation_data_range=0"]
 
 
 @pytest.fixture(scope="module")
@@ -51,14 +50,14 @@ def test_bank_equals_one_live_filter_per_config(mnist_ctx):
     """Every config of a bank blocks at the query where a server running only that
     config blocks the same attack; the no-filter reference runs to max_iters."""
     ctx = mnist_ctx
-    configs = sweep_configs(ctx.fc)
+    configs = sweep_configs(ctx.cfg)
     names = ["paper-1", "paper-2", "paper-3"]
     u = Unit("filter_mnist", "noise", 0, 0, 1e-4, 1, tuple(names) + (NO_FILTER,))
     df = run_unit(ctx, u, configs).set_index("config")
     seed = ctx.seed("attack", 0, 0, 1e-4)
     for n in names:
         st = ClientFilterState(configs[n])
-        res = fredrikson_attack(ctx.target, 0, ctx.shape, iters=ctx.fc.max_iters, lr=ctx.cfg.attack.fredrikson_lr,
+        res = fredrikson_attack(ctx.target, 0, ctx.shape, iters=ctx.sim.max_iters, lr=ctx.cfg.attack.fredrikson_lr,
                                 noise_std=1e-4, seed=seed, gate=lambda q, st=st: st.check(q.numpy()).safe)
         if res.blocked_at is None:
             assert not df.loc[n, "detected"]
@@ -66,14 +65,14 @@ def test_bank_equals_one_live_filter_per_config(mnist_ctx):
             assert df.loc[n, "blocked_at"] == res.blocked_at
             assert df.loc[n, "iters_before_detection"] == res.queries
             assert df.loc[n, "x_conf_at_stop"] == pytest.approx(res.target_conf, abs=1e-5)
-    assert df.loc[NO_FILTER, "answered"] == ctx.fc.max_iters and not df.loc[NO_FILTER, "detected"]
-    assert len(df.loc[NO_FILTER, "ssim_prev"]) == ctx.fc.max_iters - 1
+    assert df.loc[NO_FILTER, "answered"] == ctx.sim.max_iters and not df.loc[NO_FILTER, "detected"]
+    assert len(df.loc[NO_FILTER, "ssim_prev"]) == ctx.sim.max_iters - 1
     assert df.loc["paper-3", "detected"] and df.loc["paper-3", "iters_before_detection"] < 50
 
 
 def test_regular_users_pass_and_sybil_needs_the_cross_client_check(mnist_ctx):
     ctx = mnist_ctx
-    configs = sweep_configs(ctx.fc)
+    configs = sweep_configs(ctx.cfg)
     names = ("paper-1", "paper-3")
     users = run_unit(ctx, Unit("filter_mnist", "user", 0, 0, 0.0, 1, names), configs)
     assert (~users["flagged"]).all() and (users["n_queries"] == 20).all() and (users["count"] == 0).all()
@@ -115,15 +114,45 @@ def test_calibration_picks_fastest_full_recall_config_under_fpr_target():
     assert cal["x"]["config"] == "b" and cal["y"]["config"] is None
 
 
-def test_filter_sweep_job_runs_and_resumes(ray_session, tmp_path, capsys, monkeypatch):
+def test_setting_key_and_unit_ids_keep_their_values():
+    """The cache keys of the units under OUT/units/ are those of runs made before the
+    filter config was split into filter / filter_sim / filter_sweep (same settings,
+    same key: finished units are found again)."""
+    assert setting_key(load_config("filter_mnist")) == "e377a3e120fc"
+    assert setting_key(load_config("filter_orl")) == "191d1de731f2"
+    cfg = load_config("filter_mnist", SMALL)
+    key, configs = setting_key(cfg), sweep_configs(cfg)
+    assert key == "e378825ddf0c"
+    assert list(configs) == ["paper-1", "paper-2", "paper-3", "nb10-s0.99-h0.001-l4"]
+    units = main_units("filter_mnist", cfg.filter_sim, 10, list(configs))
+    assert [u.uid(key, configs) for u in units[:2]] == ["filter_mnist-attack-d40dbcab87e6e626",
+                                                        "filter_mnist-attack-47460a52601b323b"]
+    # sweep-only settings do not enter the key; simulation settings do
+    assert setting_key(load_config("filter_mnist", SMALL + ["filter_sweep.fpr_target=0.1",
+                                                            "filter_sim.sybil_k=[2]"])) == key
+    assert setting_key(load_config("filter_mnist", SMALL + ["filter_sim.max_iters=151"])) != key
+
+
+def test_filter_config_sections():
+    cfg = load_config("filter_orl")
+    assert FilterParams.from_config(cfg.filter) == FilterParams(l_sp=8)
+    assert cfg.filter_sim.paper_setting == "celeba" and sweep_configs(cfg)["paper-1"].l_sp == 8
+    for bad, word in (("filter.t_ssim=2", "filter: invalid filter parameters"),
+                      ("filter_sim.paper_setting=faces", "filter_sim.paper_setting must be one of"),
+                      ("filter_sim.user_pool=train", "filter_sim.user_pool must be one of"),
+                      ("filter_sweep.paper_configs=[4]", "filter_sweep.paper_configs"),
+                      ("filter.max_iters=10", "unknown config key 'filter.max_iters'")):
+        with pytest.raises(ConfigError, match=word):
+            load_config("filter_mnist", [bad])
+
+
+def test_filter_sweep_job_runs_and_resumes(ray_session, tmp_path, capsys):
     """The whole job on a tiny grid (MNIST, 2 labels, 4 configs) on the test's Ray;
     a second run finds every unit done and recomputes nothing."""
     out = tmp_path / "out"
-    argv = ["filter_sweep.py", "--preset", "filter_mnist", "--out", str(out),
+    argv = ["--preset", "filter_mnist", "--out", str(out),
             "--set", f"run.out_root={tmp_path / 'runs'}"] + [a for s in SMALL for a in ("--set", s)]
-    monkeypatch.syspath_prepend(str(ROOT / "jobs"))
-    monkeypatch.setattr(sys, "argv", argv)
-    runpy.run_path(str(ROOT / "jobs" / "filter_sweep.py"), run_name="__main__")
+    filter_sweep(argv)
     first = capsys.readouterr().out
     assert "(0 already done)" in first
     for f in ("filter_trials.parquet", "filter_summary.csv", "tables.md", "calibration.json",
@@ -138,7 +167,7 @@ def test_filter_sweep_job_runs_and_resumes(ray_session, tmp_path, capsys, monkey
     assert p3["recall"] == 1.0 and p3["fpr"] == 0.0
     assert "Table 6" in (out / "tables.md").read_text()
     units = {p: p.stat().st_mtime_ns for p in (out / "units").glob("*.parquet")}
-    runpy.run_path(str(ROOT / "jobs" / "filter_sweep.py"), run_name="__main__")
+    filter_sweep(argv)
     second = capsys.readouterr().out
     assert "(4 already done)" in second                               # 2 attack + 2 user sessions
     assert {p: p.stat().st_mtime_ns for p in (out / "units").glob("*.parquet")} == units

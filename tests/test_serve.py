@@ -81,7 +81,7 @@ def test_attacker_is_blocked_and_stays_blocked_regular_user_is_not(serve_app, se
     cfg, bundle = serve_artifacts
     mallory = serve_app.client("mallory")
     res = attack_endpoint(mallory, library_model(cfg), target=1, shape=(1, 32, 32), iters=200,
-                          lr=cfg.attack.fredrikson_lr, noise_std=cfg.filter.noise_std, seed=0)
+                          lr=cfg.attack.fredrikson_lr, noise_std=cfg.filter_sim.noise_std, seed=0)
     assert res["blocked_at"] is not None and res["served"] == res["blocked_at"] - 1
     assert res["served"] >= cfg.filter.l_sp - 1         # Algorithm 2 needs L_sp matches first
     assert res["blocked_reply"]["error"] == "blocked"
