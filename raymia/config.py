@@ -405,7 +405,7 @@ def apply_override(cfg: Config, key: str, value: Any) -> None:
 
 def config_from_dict(d: dict) -> Config:
     cfg = Config()
-    _apply(cfg, d)
+    _apply(cfg, _split_flat_filter(d))
     validate(cfg)
     return cfg
 
@@ -503,6 +503,25 @@ def _validate_filter(cfg: "Config") -> None:
     _check(bool(w.paper_configs) or bool(w.grid_n_b and w.grid_t_ssim and w.grid_t_hash),
            "filter_sweep: the sweep needs paper_configs or non-empty grid_n_b, grid_t_ssim and grid_t_hash")
     _check(w.ablation_data_range >= 0, "filter_sweep.ablation_data_range must be >= 0 (0 = off)")
+
+
+def _split_flat_filter(d: Any) -> Any:
+    """A stored config dict from before ``filter`` was split (one flat section holding the
+    filter's parameters, the simulations' and the sweep's settings -- e.g. the manifest of
+    an artifact trained then) with the simulation and sweep keys moved to ``filter_sim``
+    and ``filter_sweep``; any other dict is returned unchanged."""
+    f = d.get("filter") if isinstance(d, dict) else None
+    if not isinstance(f, dict):
+        return d
+    sim = {k: v for k, v in f.items() if k in {x.name for x in fields(FilterSimCfg)}}
+    sweep = {k: v for k, v in f.items() if k in {x.name for x in fields(FilterSweepCfg)}}
+    if not sim and not sweep:
+        return d
+    out = {**d, "filter": {k: v for k, v in f.items() if k not in sim and k not in sweep}}
+    for name, moved in (("filter_sim", sim), ("filter_sweep", sweep)):
+        if moved:
+            out[name] = {**moved, **(d.get(name) or {})}
+    return out
 
 
 def _num(v) -> bool:

@@ -9,7 +9,7 @@ import torch
 
 from raymia.attacks.fredrikson import fredrikson_attack
 from raymia.cli import filter_sweep
-from raymia.config import ConfigError, load_config
+from raymia.config import ConfigError, config_from_dict, load_config
 from raymia.defenses.filter import ClientFilterState, FilterParams
 from raymia.filter_sim import (NO_FILTER, SimContext, Unit, calibrate, detection_metrics, main_units, run_unit,
                                setting_key, sweep_configs)
@@ -131,6 +131,16 @@ def test_setting_key_and_unit_ids_keep_their_values():
     assert setting_key(load_config("filter_mnist", SMALL + ["filter_sweep.fpr_target=0.1",
                                                             "filter_sim.sybil_k=[2]"])) == key
     assert setting_key(load_config("filter_mnist", SMALL + ["filter_sim.max_iters=151"])) != key
+
+
+def test_config_saved_before_the_split_still_loads():
+    """Artifacts' manifests and run records written with the old flat ``filter`` section
+    load as the same config (same artifact, same setting key)."""
+    new = load_config("filter_mnist", SMALL).to_dict()
+    flat = {k: v for k, v in new.items() if k not in ("filter_sim", "filter_sweep")}
+    flat["filter"] = {**new["filter"], **new["filter_sim"], **new["filter_sweep"]}
+    cfg = config_from_dict(flat)
+    assert cfg.to_dict() == new and setting_key(cfg) == "e378825ddf0c"
 
 
 def test_filter_config_sections():
