@@ -84,3 +84,11 @@ def filter_sweep(argv=None):
     p.set_defaults(preset="filter_mnist,filter_orl")
     args = p.parse_args(argv)
     return pipeline.run(pipeline.load_settings(args.preset, args.overrides), args.out, args.address)
+
+
+@_entry
+def study(argv=None):
+    """The alpha sweep over seeds x identity folds, pooled with hierarchical CIs (the README's numbers)."""
+    from .pipelines import study as pipeline
+    args = parser(study.__doc__, "<out_root>/<run.name>/study").parse_args(argv)
+    return pipeline.run(config_from_args(args), args.out, args.address)

@@ -225,7 +225,9 @@ def _identity_bundle(name: str, per_id: list[torch.Tensor], names: list[str], au
                      cfg: DataCfg) -> Bundle:
     """Split identity-labelled images the way the dummy-model paper needs.
 
-    Identities are shuffled with ``split_seed``.  The first ``private_ids`` form D
+    Identities are shuffled with ``split_seed``; fold k rotates that order by k x
+    ``private_ids`` (ORL: folds 0 and 1 make every identity a target once).  The first
+    ``private_ids`` form D
     (R_T's classes; ``train_per_id`` / ``test_per_id`` images each).  R_E is trained on
     ``eval_ids`` identities (0 = all) that include every private identity, with its own
     image split (``eval_test_per_id`` held out).  The attacker's auxiliary set is the
@@ -241,6 +243,8 @@ def _identity_bundle(name: str, per_id: list[torch.Tensor], names: list[str], au
         raise DataError(f"{name}: only {len(eligible)} identities have >= {need} images; "
                         f"data.private_ids={cfg.private_ids}")
     order = _rng(cfg.split_seed, 1).permutation(eligible).tolist()
+    shift = (cfg.fold * cfg.private_ids) % len(order)          # fold k: the next private_ids identities
+    order = order[shift:] + order[:shift]
     private = order[:cfg.private_ids]
     others = [i for i in _rng(cfg.split_seed, 2).permutation(n_ids).tolist() if i not in private]
     n_eval = cfg.eval_ids or n_ids

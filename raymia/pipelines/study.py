@@ -1,0 +1,98 @@
+"""The study: the α sweep repeated over seeds x identity folds, pooled into estimates
+with hierarchical CIs — the numbers the README reports.
+
+Each (seed, fold) unit is a whole α sweep (its own R_T, R_E, G, F, R_dmy; selection
+draw and report draw) under ``<out_root>/<run.name>-s<seed>-f<fold>/``, so the study is
+resumable: a rerun reuses every finished unit.  Pooled per variant, judge and draw: the
+report draw's per-target success at the α each unit selected, resampled by units and
+then by targets within units (:func:`raymia.evaluation.hierarchical_bootstrap`); the
+selection draw's numbers beside them show the optimism of choosing."""
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+from typing import Optional
+
+import pandas as pd
+
+from ..artifacts import write_run_record
+from ..config import Config
+from ..evaluation import hierarchical_bootstrap, judge_names
+from ..report import markdown_table
+from ..runtime import out_dir
+from . import alpha_sweep
+
+
+def unit_config(cfg: Config, seed: int, fold: int) -> Config:
+    c = copy.deepcopy(cfg)
+    c.run.seed, c.data.fold = int(seed), int(fold)
+    c.run.name = f"{cfg.run.name}-s{seed}-f{fold}"
+    c.search.seeds = [s for s in c.search.seeds if s != c.run.seed] or [c.run.seed + 1]
+    return c
+
+
+def _per_target(trials: pd.DataFrame, variant: str, alpha: float, col: str) -> list:
+    g = trials[(trials["variant"] == variant) & (trials["alpha"] == alpha)]
+    return g.groupby("target")[col].mean().tolist()
+
+
+def pool(units: list[dict], n_boot: int, seed: int) -> pd.DataFrame:
+    """One row per (variant, draw, judge): estimate and hierarchical 95% CI over units
+    and targets, at the α each unit selected; plus α = 1 (undefended) for reference."""
+    rows = []
+    variants = sorted({v for u in units for v in u["rec"]["variants"]})
+    for v in variants:
+        for draw, key in (("selection", "trials"), ("report", "report_trials")):
+            judges = ["re"] + judge_names(units[0][key]) if key in units[0] else []
+            for j in judges:
+                col = "success_top5" if j == "re" else f"{j}_top5"
+                for where in ("selected", "alpha=1"):
+                    groups, alphas = [], []
+                    for u in units:
+                        a = 1.0 if where == "alpha=1" else u["rec"]["variants"][v].get("alpha")
+                        if a is None or key not in u:
+                            continue
+                        vals = _per_target(u[key], v, float(a), col)
+                        if vals:
+                            groups.append(vals)
+                            alphas.append(float(a))
+                    est, lo, hi = hierarchical_bootstrap(groups, n_boot, seed)
+                    rows.append({"variant": v, "draw": draw, "judge": j, "alpha": where, "units": len(groups),
+                                 "alphas": ",".join(f"{a:g}" for a in alphas), "top5": est, "ci_low": lo,
+                                 "ci_high": hi})
+    return pd.DataFrame(rows)
+
+
+def run(cfg: Config, out: Optional[str] = None, address: Optional[str] = None) -> Path:
+    """Every (seed, fold) α sweep of ``cfg.study`` (resumable), then the pooled table."""
+    out = out_dir(cfg, out, "study")
+    write_run_record(out, cfg, {"seeds": cfg.study.seeds, "folds": cfg.study.folds})
+    units = []
+    for s in cfg.study.seeds:
+        for f in cfg.study.folds:
+            c = unit_config(cfg, s, f)
+            print(f"[study] unit seed={s} fold={f} ({c.run.name})", flush=True)
+            d = alpha_sweep.run(c, address=address)
+            u = {"seed": s, "fold": f, "dir": str(d), "trials": pd.read_parquet(d / "alpha_trials.parquet"),
+                 "rec": json.loads((d / "recommendation.json").read_text())}
+            if (d / "report_trials.parquet").exists():
+                u["report_trials"] = pd.read_parquet(d / "report_trials.parquet")
+            units.append(u)
+    pooled = pool(units, cfg.sweep.bootstrap, cfg.run.seed)
+    pooled.to_csv(out / "study_summary.csv", index=False)
+    per_unit = pd.DataFrame([{"seed": u["seed"], "fold": u["fold"], "variant": v, "alpha": r.get("alpha"),
+                              "selection_re_top5": r.get("mia_success_top5"),
+                              "report_re_top5": u["rec"].get("report", {}).get(v, {}).get("mia_success_top5"),
+                              "report_external_top5": u["rec"].get("report", {}).get(v, {}).get("external_top5"),
+                              "accuracy": r.get("accuracy")}
+                             for u in units for v, r in u["rec"]["variants"].items()])
+    per_unit.to_csv(out / "study_units.csv", index=False)
+    md = ["# Study: the α sweep over seeds x folds", "",
+          f"seeds {cfg.study.seeds}, folds {cfg.study.folds}; estimates are means over units of the mean over "
+          "targets; 95% CIs from a hierarchical bootstrap (units, then targets).", "",
+          markdown_table(pooled), "", "## Units", "", markdown_table(per_unit)]
+    (out / "study.md").write_text("\n".join(md))
+    print(markdown_table(pooled))
+    print(f"[study] outputs: {out}")
+    return out
