@@ -57,6 +57,7 @@ class DataCfg:
     celeba_target: Literal["identity", "attr"] = "identity"
     celeba_attrs: list = field(default_factory=lambda: ["Male", "Smiling"])
     split_seed: int = 0
+    fold: int = 0                # identity fold: rotates the shuffled identities by fold x private_ids
     eval_shared_ids: int = 0     # R_T identities R_E also knows (the first ones; targets); 0 = all
     max_ids: int = 0             # imagefolder: read only the first N identity folders (sorted; 0 = all)
     aux_name: Literal["", "celeba", "imagefolder"] = ""   # attacker's auxiliary set from elsewhere ("" = default split)
@@ -112,6 +113,7 @@ class DummyCfg:
     anchor_choice: AnchorChoice = "random"  # random (paper) | far: from a pool, the anchors least similar to any
                                    # real training face in R_T's feature space
     anchor_pool: int = 8         # far: candidates drawn per anchor kept
+    draw: int = 0                # independent draw of R_dmy (anchors + training seed): 0 selects, 1 reports
 
 
 @dataclass
@@ -132,7 +134,7 @@ class SearchCfg:
     rules: list[Rule] = field(default_factory=lambda: ["linear", "gated"])
     gate_tau: list = field(default_factory=lambda: [0.2, 0.8])
     # final check of the recommended defense and the baselines
-    seeds: list = field(default_factory=lambda: [0, 1, 2])
+    seeds: list = field(default_factory=lambda: [1, 2, 3])   # disjoint from run.seed (the search's own seed)
     eot_samples: int = 4             # adaptive attacker: transforms averaged per step
     eot_shift: int = 2               # adaptive attacker: max shift in pixels
     eot_noise: float = 0.03          # adaptive attacker: Gaussian noise std
@@ -153,6 +155,7 @@ class AttackCfg:
     restarts: int = 3
     targets: list = field(default_factory=list)   # empty = every R_T identity
     latent_bound: float = 3.0    # latent kept in [-b, b] (prior's range)
+    restart_offset: int = 0      # first restart index (the report draw uses restarts the selection never ran)
     batch_rows: int = 256        # (target, restart, alpha) rows per attack call
     fredrikson_iters: int = 200
     fredrikson_lr: float = 0.1
@@ -175,6 +178,23 @@ class SweepCfg:
     grid_alphas: list = field(default_factory=lambda: [1.0, 0.7, 0.5, 0.25, 0.1])
     bootstrap: int = 1000
     accuracy_tolerance: float = 0.01
+    report_draw: bool = True     # report the selected alpha on a fresh draw (new R_dmy seed and new restarts)
+
+
+@dataclass
+class StudyCfg:
+    """The study (raymia.pipelines.study): the α sweep repeated over seeds x identity folds."""
+    seeds: list = field(default_factory=lambda: [0, 1])
+    folds: list = field(default_factory=lambda: [0, 1])   # ORL: 2 folds of 20 targets = all 40 identities
+
+
+@dataclass
+class JudgeCfg:
+    """Judges of reconstructions beside R_E (raymia.judges); the attacker never sees them."""
+    names: list[Literal["external", "classical"]] = field(default_factory=lambda: ["external", "classical"])
+    external_size: int = 150          # dlib face descriptor input side (reconstructions are upsampled)
+    classical_components: int = 60    # eigenfaces: PCA components (whitened)
+    classical_c: float = 10.0         # RBF SVM's C
 
 
 @dataclass
@@ -276,6 +296,8 @@ class Config:
     search: SearchCfg = field(default_factory=SearchCfg)
     attack: AttackCfg = field(default_factory=AttackCfg)
     sweep: SweepCfg = field(default_factory=SweepCfg)
+    judge: JudgeCfg = field(default_factory=JudgeCfg)
+    study: StudyCfg = field(default_factory=StudyCfg)
     resources: ResourcesCfg = field(default_factory=ResourcesCfg)
     serve: ServeCfg = field(default_factory=ServeCfg)
     filter: FilterCfg = field(default_factory=FilterCfg)
@@ -427,7 +449,7 @@ def validate(cfg: Config) -> None:
     _check(d.private_ids >= 2, "data.private_ids must be >= 2")
     _check(d.train_per_id >= 1 and d.test_per_id >= 1, "data.train_per_id and data.test_per_id must be >= 1")
     _check(0 <= d.eval_shared_ids <= d.private_ids, "data.eval_shared_ids must lie in [0, data.private_ids]")
-    _check(d.max_ids >= 0 and d.aux_max >= 0, "data.max_ids and data.aux_max must be >= 0")
+    _check(d.max_ids >= 0 and d.aux_max >= 0 and d.fold >= 0, "data.max_ids, data.aux_max and data.fold must be >= 0")
     for sec in ("target", "evaluator"):
         c: ClassifierCfg = getattr(cfg, sec)
         _check(c.epochs >= 1 and c.batch_size >= 1 and c.lr > 0, f"{sec}: epochs, batch_size and lr must be positive")

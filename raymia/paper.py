@@ -7,6 +7,9 @@ from __future__ import annotations
 PAPER_DUMMY = {"rt_accuracy": 0.958, "mia_success_alpha1": 0.80, "alpha_recommended": 0.25,
                "mia_success_at_recommended": 0.27, "accuracy_at_recommended": 0.95}
 
+#: the paper's full alpha sweep for one defense variant (§5): its size sets the GPU benchmark's scale
+PAPER_SWEEP = {"alphas": 101, "targets": 27, "restarts": 3, "iters": 1500}
+
 
 def dummy_headline() -> str:
     """The dummy-model paper's headline as one sentence for reports and logs."""

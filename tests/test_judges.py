@@ -94,3 +94,21 @@ def test_variants_share_their_anchor_seed():
     anchors and neighbours) and differ only in their objective; a report draw differs."""
     assert dummy_kind("paper").seed(0) == dummy_kind("calibrated").seed(0)
     assert dummy_kind("paper").seed(0, draw=1) != dummy_kind("paper").seed(0)
+
+
+def test_study_pools_units_at_their_selected_alpha():
+    import pandas as pd
+    from raymia.pipelines.study import pool
+
+    def unit(alpha, hit):
+        t = pd.DataFrame([{"variant": "calibrated", "alpha": a, "target": t, "restart": 0,
+                           "success_top5": float(a == 1.0 or hit), "external_top5": 0.0, "external_top1": 0.0,
+                           "external_rank": 9, "external_dist": 1.0} for a in (1.0, alpha) for t in range(5)])
+        return {"trials": t, "report_trials": t, "rec": {"variants": {"calibrated": {"alpha": alpha}}}}
+    out = pool([unit(0.5, True), unit(0.3, False)], 200, 0)
+    sel = out[(out["draw"] == "report") & (out["judge"] == "re") & (out["alpha"] == "selected")].iloc[0]
+    assert sel["units"] == 2 and sel["alphas"] == "0.5,0.3" and sel["top5"] == pytest.approx(0.5)
+    assert sel["ci_low"] == 0.0 and sel["ci_high"] == 1.0             # two units that disagree: a wide CI
+    und = out[(out["draw"] == "selection") & (out["judge"] == "re") & (out["alpha"] == "alpha=1")].iloc[0]
+    assert und["top5"] == 1.0
+    assert set(out["judge"]) == {"re", "external"}

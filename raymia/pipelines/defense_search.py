@@ -54,6 +54,9 @@ def run(cfg, preset: str = "orl", out=None, address=None, check_only: bool = Fal
     attackers.  ``check_only`` reuses OUT/search_trials.parquet; ``local`` runs the check
     in this process without Ray (same library code; e.g. on a GPU box without Ray);
     ``search_only`` stops after the search."""
+    if cfg.run.seed in cfg.search.seeds:
+        raise ConfigError(f"search.seeds {cfg.search.seeds} must not contain run.seed {cfg.run.seed}: the check "
+                          "reports on seeds the search did not select on")
     out = out_dir(cfg, out, "defense_search")
     out.mkdir(parents=True, exist_ok=True)
     write_run_record(out, cfg, {"preset": preset, "check_only": check_only, "local": local})
