@@ -7,7 +7,7 @@ export RAY_USAGE_STATS_ENABLED := 0
 export RAY_AUTH_MODE := disabled
 export PYTHONUNBUFFERED := 1
 
-.PHONY: install demo train serve search filter test bench clean
+.PHONY: install demo train serve search filter study test test-unit test-integration bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -33,6 +33,9 @@ search: install
 filter: install
 	$(PY) jobs/filter_sweep.py $(ARGS)
 
+study: install
+	$(PY) jobs/study.py $(ARGS)
+
 # speed benchmarks whose numbers are in docs/benchmarks.md (bench/bench_serve.py needs `make demo` first)
 bench: install
 	$(PY) bench/bench_attack.py
@@ -41,6 +44,13 @@ bench: install
 test: install
 	mkdir -p .tmp
 	TMPDIR=$(CURDIR)/.tmp RAY_TMPDIR=$(CURDIR)/.tmp $(PY) -m pytest -q $(ARGS)
+
+# the suite's two halves: no Ray (fast) / Ray, HTTP and whole jobs
+test-unit: install
+	$(MAKE) test ARGS="-m unit $(ARGS)"
+
+test-integration: install
+	$(MAKE) test ARGS="-m integration $(ARGS)"
 
 clean:
 	rm -rf .tmp .pytest_cache

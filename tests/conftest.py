@@ -128,3 +128,19 @@ def serve_app(ray_session, serve_artifacts, tmp_path_factory):
     rserve.shutdown()
     for _, h in live.shard_actors():
         ray_session.kill(h)
+
+
+# ----------------------------------------------------------------------------- markers
+# `pytest -m unit`: no Ray, no HTTP (seconds to a minute per module); `pytest -m integration`:
+# tests that start Ray (Tune trials, actors, the Serve app over HTTP) or run a job end to end.
+INTEGRATION_FIXTURES = {"ray_session", "serve_app", "smoke_sweep", "smoke_search"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        uses = set(getattr(item, "fixturenames", ()))
+        slow_job = "subprocess" in item.nodeid or "bad_input_is_one_clear_line" in item.nodeid
+        if uses & INTEGRATION_FIXTURES or slow_job:
+            item.add_marker(pytest.mark.integration)
+        else:
+            item.add_marker(pytest.mark.unit)
