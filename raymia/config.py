@@ -5,6 +5,9 @@ may name another preset under ``extends:`` and then only lists what differs.
 Command-line overrides use dotted keys: ``--set target.epochs=3``.  Unknown keys
 anywhere (preset, override, saved config) raise :class:`ConfigError` naming the
 key and the keys that are valid at that level.
+
+(~600 lines: the whole dataclass tree sits in one module on purpose, so that every
+section, its defaults and its checks read top-down in one place.)
 """
 from __future__ import annotations
 
@@ -233,6 +236,7 @@ class ServeCfg:
 
 PaperSetting = Literal["mnist", "celeba"]   # which L_sp row of the filter paper's Table 1
 UserPool = Literal["all", "test"]
+UserProtocol = Literal["paper", "sequence", "both"]
 
 
 @dataclass
@@ -262,7 +266,10 @@ class FilterSimCfg:
     trials_per_label: int = 3     # attack trials per label (paper: 3)
     user_trials_per_label: int = 3   # regular-user trials per label (paper: 3)
     user_queries: int = 100       # distinct images a regular user sends (fewer if the label has fewer)
-    user_pool: UserPool = "all"   # images regular users draw from: all (train+test of the label) | test
+    user_pool: UserPool = "all"   # images sequence users draw from: all (train+test of the label) | test
+    # regular users: paper = per trial one random held-out test image of the label (the paper, 4.5);
+    # sequence = a session of user_queries distinct images of the label; both = both, reported side by side
+    user_protocol: UserProtocol = "both"
     success_conf: float = 0.9     # attack "reached the target": R_T confidence >= this before the block
     # --- beyond the paper: adaptive noise, Sybil attacker, cross-client check
     noise_grid: list = field(default_factory=lambda: [0.0, 3.0e-5, 1.0e-4, 3.0e-4, 1.0e-3, 3.0e-3, 1.0e-2,
@@ -283,6 +290,10 @@ class FilterSweepCfg:
     grid_t_hash: list = field(default_factory=lambda: [1.0e-4, 1.0e-3, 1.0e-2])
     grid_l_sp: list = field(default_factory=list)   # empty = Table 1's L_sp for filter_sim.paper_setting
     fpr_target: float = 0.05      # calibration: fewest iterations before detection with FPR <= this
+    # calibration sessions, held out from the reported ones (other attack seeds, other users / images);
+    # 0 attack trials = choose on the reported sessions (not held out)
+    calib_trials_per_label: int = 1
+    calib_user_trials_per_label: int = 1
     ablation_data_range: float = 255.0   # also run Table 1 with SSIM's L set to this on [0,1] images (0 = off)
 
 
@@ -517,6 +528,8 @@ def _validate_filter(cfg: "Config") -> None:
            "filter_sim.global_size >= 1")
     w = cfg.filter_sweep
     _check(0.0 <= w.fpr_target <= 1.0, "filter_sweep.fpr_target must lie in [0, 1]")
+    _check(w.calib_trials_per_label >= 0 and w.calib_user_trials_per_label >= 0,
+           "filter_sweep.calib_trials_per_label and filter_sweep.calib_user_trials_per_label must be >= 0")
     _check(all(isinstance(k, int) and not isinstance(k, bool) and 1 <= k <= len(PAPER_TABLE1) for k in w.paper_configs),
            f"filter_sweep.paper_configs must list Table 1 configurations 1..{len(PAPER_TABLE1)}, got {w.paper_configs!r}")
     for name in ("grid_n_b", "grid_l_sp"):

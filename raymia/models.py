@@ -3,6 +3,9 @@ CosFace or linear head, and a DCGAN-style generator/discriminator with minibatch
 discrimination and differentiable augmentation (DiffAugment) for small data.
 
 All models take images in [0, 1] (N, C, H, W); generators return images in [0, 1].
+
+(~400 lines: every network of the pipeline and the BatchNorm folding they share, one
+place to read the architectures.)
 """
 from __future__ import annotations
 
