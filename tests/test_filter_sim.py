@@ -1,8 +1,10 @@
 """Simulations of the similarity-filter paper: live attack trials through the filter,
 the bank of configurations, regular users, the Sybil attacker, the metrics (Eqs. 2-5)
 and a tiny filter sweep job through Ray."""
+import json
 import math
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -13,6 +15,7 @@ from raymia.config import ConfigError, config_from_dict, load_config
 from raymia.defenses.filter import ClientFilterState, FilterParams
 from raymia.filter_sim import (NO_FILTER, SimContext, Unit, calibrate, detection_metrics, main_units, run_unit,
                                setting_key, sweep_configs)
+from raymia.filter_sim.units import calib_images_disjoint, calib_units
 from raymia.paper import paper_reference
 from raymia.training import train_classifier
 
@@ -81,6 +84,60 @@ def test_regular_users_pass_and_sybil_needs_the_cross_client_check(mnist_ctx):
     assert glob["detected"] and glob["by_global"] >= 1
     assert glob["answered"] < own["answered"] or not own["detected"]
     assert own["by_global"] == 0 and (not own["detected"] or own["ids_blocked"] == 3)
+
+
+def test_user_protocols_and_held_out_calibration_sessions(mnist_ctx):
+    """Both user protocols run; the sequence sessions keep the ids they had before the
+    protocols existed; the paper protocol sends one held-out test image per trial; the
+    calibration sessions use other attack seeds and other images than the reported ones."""
+    ctx = mnist_ctx
+    cfg, configs, key = ctx.cfg, sweep_configs(ctx.cfg), ctx.key
+    assert cfg.filter_sim.user_protocol == "both"
+    units = main_units("filter_mnist", cfg.filter_sim, 10, list(configs))
+    seq = [u for u in units if u.kind == "user" and u.user_protocol == "sequence"]
+    assert [u.uid(key, configs) for u in seq] == ["filter_mnist-user-ef56d21fe2654375",
+                                                 "filter_mnist-user-b4bb1bad5dc9fdfc"]
+    paper = [u for u in units if u.user_protocol == "paper" and u.kind == "user"]
+    assert len(paper) == 1 and paper[0].uid(key, configs) != seq[0].uid(key, configs)
+    names = ("paper-1", "paper-3")
+    rows = run_unit(ctx, Unit("filter_mnist", "user", -1, 0, 0.0, 2, names, "paper"), configs)
+    assert len(rows) == 2 * 2 * 2 and set(rows["protocol"]) == {"paper"} and (rows["n_queries"] == 1).all()
+    assert set(rows["role"]) == {"report"} and sorted(rows["label"].unique()) == [0, 1]
+    test = {lab: ctx.test_pools[lab].reshape(len(ctx.test_pools[lab]), -1) for lab in (0, 1)}
+
+    def index(lab, im):                       # position of a trial's image among the label's test images
+        hit = np.flatnonzero((test[lab] == im.reshape(1, -1)).all(1))
+        assert hit.size, "paper-protocol image is not a held-out test image of its label"
+        return int(hit[0])
+    rep_idx = {index(lab, im) for lab, _, im in ctx.paper_trials(0, 10) if lab == 0}
+    cal_idx = {index(lab, im) for lab, _, im in ctx.paper_trials(1, 10) if lab == 0}
+    assert rep_idx and cal_idx and not rep_idx & cal_idx
+    # calibration: other attack seeds, the label's next disjoint slice of images for sequence users
+    cal = calib_units("filter_mnist", cfg.filter_sim, cfg.filter_sweep, 10, list(configs))
+    assert {u.role for u in cal} == {"calib"} and {u.rep for u in cal if u.kind == "attack"} == {1000}
+    assert not {u.uid(key, configs) for u in cal} & {u.uid(key, configs) for u in units}
+    a, b = ctx.user_session(0, 0), ctx.user_session(0, 1)
+    assert len(a) == len(b) == 20
+    assert not ({x.tobytes() for x in a} & {x.tobytes() for x in b})
+    assert calib_images_disjoint(cfg.filter_sim, cfg.filter_sweep, {0: 80}, {0: 20}) == {"sequence": True,
+                                                                                      "paper": True}
+    orl = load_config("filter_orl")                  # 10 photos per person, one user: the same photos again
+    assert calib_images_disjoint(orl.filter_sim, orl.filter_sweep, {0: 10}, {0: 3})["sequence"] is False
+
+
+def test_calibration_chosen_on_calibration_sessions_reported_on_held_out():
+    s = pd.DataFrame([
+        {"setting": "x", "config": "a", "fpr": 0.0, "recall": 1.0, "iters_max": 5.0, "iters_median": 2.0,
+         "cal_attack_trials": 2, "cal_fpr": 0.0, "cal_recall": 1.0, "cal_iters_max": 40.0, "cal_iters_median": 9.0},
+        {"setting": "x", "config": "b", "fpr": 0.5, "recall": 0.5, "iters_max": 50.0, "iters_median": 20.0,
+         "cal_attack_trials": 2, "cal_fpr": 0.0, "cal_recall": 1.0, "cal_iters_max": 20.0, "cal_iters_median": 9.0},
+        {"setting": "x", "config": "c", "fpr": 0.0, "recall": 1.0, "iters_max": 1.0, "iters_median": 1.0,
+         "cal_attack_trials": 2, "cal_fpr": 0.5, "cal_recall": 1.0, "cal_iters_max": 1.0, "cal_iters_median": 1.0},
+    ])
+    cal = calibrate(s, 0.05)["x"]
+    assert cal["config"] == "b" and cal["selected_on"].startswith("calibration sessions")
+    assert cal["selection"]["iters_max"] == 20.0 and cal["selection"]["fpr"] == 0.0
+    assert cal["report"]["fpr"] == cal["fpr"] == 0.5 and cal["report"]["recall"] == 0.5
 
 
 def test_metrics_reproduce_the_papers_table6_from_its_counts():
@@ -172,13 +229,26 @@ def test_filter_sweep_job_runs_and_resumes(ray_session, tmp_path, capsys):
     assert set(summ["config"]) == {"paper-1", "paper-2", "paper-3", "nb10-s0.99-h0.001-l4"}
     trials = pd.read_parquet(out / "filter_trials.parquet")
     assert set(trials["kind"]) == {"attack", "user", "noise", "sybil", "population"}
-    assert len(trials[trials["kind"] == "attack"]) == 2 * 4          # 2 labels x 1 trial x 4 configs
+    att = trials[trials["kind"] == "attack"]
+    assert len(att[att["role"] == "report"]) == 2 * 4                 # 2 labels x 1 trial x 4 configs
+    assert len(att[att["role"] == "calib"]) == 2 * 4                  # the calibration sessions
+    users = trials[trials["kind"] == "user"]
+    assert set(users["protocol"]) == {"paper", "sequence"} and set(users["role"]) == {"report", "calib"}
     p3 = summ.set_index("config").loc["paper-3"]
-    assert p3["recall"] == 1.0 and p3["fpr"] == 0.0
-    assert "Table 6" in (out / "tables.md").read_text()
+    assert p3["recall"] == 1.0 and p3["fpr"] == 0.0 and p3["paper_fpr"] == 0.0 and p3["cal_attack_trials"] == 2
+    text = (out / "tables.md").read_text()
+    for words in ("Table 6: defense performance (%), regular users of the paper protocol",
+                  "regular users of the sequence protocol", "chosen to match the paper",
+                  "Detection vs the attacker's noise σ", "Calibration: chosen on calibration sessions"):
+        assert words in text, words
+    assert (out / "detection_vs_noise.png").exists()
+    cal = json.loads((out / "calibration.json").read_text())["filter_mnist"]
+    assert cal["selected_on"].startswith("calibration sessions") and {"selection", "report"} <= set(cal)
+    assert cal["calibration_sessions"]["user_images_disjoint_from_report"] == {"sequence": True, "paper": True}
     units = {p: p.stat().st_mtime_ns for p in (out / "units").glob("*.parquet")}
     filter_sweep(argv)
     second = capsys.readouterr().out
-    assert "(4 already done)" in second                               # 2 attack + 2 user sessions
+    # reported: 2 attack + 2 sequence users + 1 paper-protocol unit; calibration: the same again
+    assert "(10 already done)" in second
     assert {p: p.stat().st_mtime_ns for p in (out / "units").glob("*.parquet")} == units
     pd.testing.assert_frame_equal(pd.read_csv(out / "filter_summary.csv"), summ)

@@ -65,7 +65,8 @@ class FilterSim:
         if df is None:
             path = self.store.dir / f"{uid}.parquet"
             if path.exists():
-                df = pd.read_parquet(path)
+                from ..filter_sim.simulate import normalise_rows
+                df = normalise_rows(pd.read_parquet(path))
             else:
                 u = Unit(**{**unit, "bank": tuple(unit["bank"])})
                 t = time.time()
@@ -131,14 +132,17 @@ def simulation_actors(cfgs: dict, configs: dict, store_dir: Path, address: Optio
 
 def _filter_config_trial(config: dict) -> None:
     """One Tune trial: one (setting, filter configuration).  Its attack and regular-user
-    sessions run on the simulation actors (concurrently); it reports Eqs. 2-5, the FPR
-    and the iterations before detection."""
-    from ..filter_sim.metrics import detection_metrics
+    sessions (those whose bank holds the configuration: reported and calibration
+    sessions, both user protocols) run on the simulation actors (concurrently); it
+    reports Eqs. 2-5, the FPR per protocol, the iterations before detection and the
+    calibration sessions' numbers (:func:`raymia.filter_sim.metrics.config_metrics`)."""
+    from ..filter_sim.metrics import config_metrics
     t = config["trial"]
     actors = SimPool(tuple(config["actors"]), config["namespace"]).handles()
-    refs = [actors[i % len(actors)].rows.remote(u, uid, t["config"]) for i, u, uid in config["units"][t["setting"]]]
+    refs = [actors[i % len(actors)].rows.remote(u, uid, t["config"]) for i, u, uid in config["units"][t["setting"]]
+            if t["config"] in u["bank"]]
     df = pd.concat(ray.get(refs), ignore_index=True)
-    m = detection_metrics(df[df["kind"] == "attack"], df[df["kind"] == "user"])
+    m = config_metrics(df)
     tune.report({"setting": t["setting"], "filter_config": t["config"], **m})
 
 

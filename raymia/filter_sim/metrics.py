@@ -1,7 +1,8 @@
 """Detection metrics of the filter paper (Eqs. 2-5): an attack trial is a positive, a
 regular-user trial a negative; TP = attack trials blocked, FN = attack trials never
 blocked within ``filter_sim.max_iters``, FP = users blocked, TN = users never blocked.
-Plus the calibration: the configuration that detects soonest under an FPR target."""
+Plus the calibration: the configuration that detects soonest under an FPR target, chosen
+on calibration sessions and reported on the held-out reported sessions."""
 from __future__ import annotations
 
 import math
@@ -35,26 +36,105 @@ def detection_metrics(attack: pd.DataFrame, users: pd.DataFrame) -> dict:
             "re_top1_at_stop": float(attack["re_top1_at_stop"].astype(float).mean()) if len(attack) else math.nan}
 
 
-METRIC_KEYS = tuple(detection_metrics(pd.DataFrame({"detected": [True], "iters_before_detection": [1.0],
-                                                     "reached_target": [True], "re_top1_at_stop": [True]}),
-                                       pd.DataFrame({"flagged": [False]})))
+_PROTO_KEYS = ("fp", "tn", "user_trials", "fpr", "accuracy", "precision", "f1")
+_CAL_KEYS = ("attack_trials", "user_trials", "tp", "fn", "fp", "tn", "recall", "fpr", "iters_max", "iters_median")
+
+
+def _sel(df: pd.DataFrame, kind: str, role: str, protocol: str | None = None) -> pd.DataFrame:
+    if df.empty or "kind" not in df:
+        return df.iloc[0:0]
+    m = df["kind"] == kind
+    m &= (df["role"] if "role" in df else pd.Series("report", index=df.index)).fillna("report") == role
+    if protocol is not None:
+        m &= (df["protocol"] if "protocol" in df else pd.Series("sequence", index=df.index)).fillna("sequence") == protocol
+    return df[m]
+
+
+def config_metrics(df: pd.DataFrame, protocols=("paper", "sequence")) -> dict:
+    """What one configuration's Tune trial reports, from its rows (attack and user units,
+    reported and calibration sessions):
+
+    * the paper's metrics (:func:`detection_metrics`) on the reported sessions, with the
+      regular users of the primary protocol (``sequence`` when run, else ``paper``);
+    * per protocol ``<protocol>_fpr`` etc. (reported sessions; NaN when not run);
+    * ``cal_*``: recall, FPR (the largest over the protocols run), iterations before
+      detection on the calibration sessions (NaN when there are none), and per protocol
+      ``cal_<protocol>_fpr``."""
+    att = _sel(df, "attack", "report")
+    users = {p: _sel(df, "user", "report", p) for p in protocols}
+    primary = "sequence" if len(users.get("sequence", ())) else "paper"
+    out = detection_metrics(att, users.get(primary, df.iloc[0:0]))
+    out["primary_protocol"] = primary
+    for p in ("paper", "sequence"):
+        u = users.get(p)
+        m = detection_metrics(att, u) if u is not None and len(u) else {}
+        for k in _PROTO_KEYS:
+            out[f"{p}_{k}"] = m.get(k, math.nan)
+    cal_att = _sel(df, "attack", "calib")
+    cal_users = {p: _sel(df, "user", "calib", p) for p in protocols}
+    ran = {p: u for p, u in cal_users.items() if len(u)}
+    first = ran.get("sequence", next(iter(ran.values()), df.iloc[0:0]))   # cal_fp / cal_tn: the primary protocol
+    m = detection_metrics(cal_att, first) if len(cal_att) else {}
+    for k in _CAL_KEYS:
+        out[f"cal_{k}"] = m.get(k, math.nan)
+    fprs = {p: detection_metrics(cal_att, u)["fpr"] for p, u in ran.items()}
+    out["cal_fpr"] = max(fprs.values()) if fprs else math.nan
+    out["cal_user_trials"] = sum(len(u) for u in ran.values()) if ran else math.nan
+    for p in ("paper", "sequence"):
+        out[f"cal_{p}_fpr"] = fprs.get(p, math.nan)
+    return out
+
+
+METRIC_KEYS = tuple(config_metrics(pd.DataFrame({
+    "kind": ["attack", "user"], "role": ["report", "report"], "protocol": [None, "sequence"],
+    "detected": [True, False], "iters_before_detection": [1.0, math.nan], "reached_target": [True, False],
+    "re_top1_at_stop": [True, False], "flagged": [False, False]})))
+
+
+def _plain(v):
+    return v.item() if hasattr(v, "item") else v
+
+
+#: what calibration.json keeps of a config's numbers, for selection and for the report
+CAL_REPORT_KEYS = ("recall", "fpr", "iters_max", "iters_median", "attack_trials", "user_trials", "tp", "fn", "fp",
+                   "tn", "paper_fpr", "sequence_fpr")
 
 
 def calibrate(summary: pd.DataFrame, fpr_target: float) -> dict:
     """Per setting: among configs with FPR <= target, the one that detects every attack
     trial soonest (rank: recall high, worst-case iterations before detection low,
-    median low, FPR low).  None when no config meets the FPR target."""
+    median low, FPR low).  None when no config meets the FPR target.
+
+    The choice is made on the calibration sessions (the summary's ``cal_*`` columns:
+    other attack seeds, other regular users) when they ran, and the chosen config's
+    numbers are reported on the reported sessions, which played no part in the choice;
+    both sets are returned (``selection``, ``report``; the top-level numbers are the
+    report's).  Without calibration sessions the choice falls back to the reported
+    sessions (``selected_on: "report sessions (not held out)"``)."""
     out = {}
     for setting, g in summary.groupby("setting", sort=False):
-        ok = g[(g["fpr"] <= fpr_target + 1e-12) & ~g["config"].map(is_ablation)].copy()
+        held_out = "cal_attack_trials" in g and bool((g["cal_attack_trials"].fillna(0) > 0).all())
+        pre = "cal_" if held_out else ""
+        ok = g[(g[f"{pre}fpr"] <= fpr_target + 1e-12) & ~g["config"].map(is_ablation)].copy()
         if ok.empty:
-            out[setting] = {"config": None, "reason": f"no configuration has FPR <= {fpr_target:.0%}"}
+            out[setting] = {"config": None, "reason": f"no configuration has FPR <= {fpr_target:.0%}"
+                            + (" on the calibration sessions" if held_out else "")}
             continue
-        ok["_max"] = ok["iters_max"].fillna(math.inf)
-        ok["_med"] = ok["iters_median"].fillna(math.inf)
-        best = ok.sort_values(["recall", "_max", "_med", "fpr"], ascending=[False, True, True, True]).iloc[0]
+        ok["_rec"] = ok[f"{pre}recall"]
+        ok["_max"] = ok[f"{pre}iters_max"].fillna(math.inf)
+        ok["_med"] = ok[f"{pre}iters_median"].fillna(math.inf)
+        ok["_fpr"] = ok[f"{pre}fpr"]
+        best = ok.sort_values(["_rec", "_max", "_med", "_fpr"], ascending=[False, True, True, True]).iloc[0]
+        row = best.drop(["_rec", "_max", "_med", "_fpr"])
+        sel = {k: _plain(row.get(f"{pre}{k}", math.nan)) for k in CAL_REPORT_KEYS}
+        if held_out:
+            sel.update({"paper_fpr": _plain(row.get("cal_paper_fpr", math.nan)),
+                        "sequence_fpr": _plain(row.get("cal_sequence_fpr", math.nan))})
         out[setting] = {"config": best["config"], "fpr_target": fpr_target,
-                        **{k: (v.item() if hasattr(v, "item") else v) for k, v in best.drop(["_max", "_med"]).items()}}
+                        "selected_on": "calibration sessions (held out from the report)" if held_out
+                        else "report sessions (not held out)",
+                        **{k: _plain(v) for k, v in row.items() if not str(k).startswith("cal_")},
+                        "selection": sel, "report": {k: _plain(row.get(k, math.nan)) for k in CAL_REPORT_KEYS}}
     return out
 
 

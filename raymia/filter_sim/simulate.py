@@ -10,7 +10,9 @@ answers until it is refused):
 * ``attack``     Fredrikson's attack on R_T for one label, Gaussian noise added before
                  every query, until every configuration of the bank has blocked it or
                  ``filter_sim.max_iters`` queries were answered;
-* ``user``       a regular user sending distinct images of one label, no noise;
+* ``user``       a regular user, no noise: protocol ``sequence`` -- one session of distinct
+                 images of one label; protocol ``paper`` -- per trial one random held-out
+                 test image of the label (the paper's section 4.5);
 * ``noise``      the attack with another noise level (the adaptive attacker);
 * ``sybil``      the attack spread round-robin over ``k`` client ids, with and without
                  the cross-client :class:`GlobalIndex`;
@@ -29,7 +31,7 @@ import torch
 from ..attacks.fredrikson import fredrikson_attack
 from ..config import Config
 from ..defenses.filter import ClientFilterState, FilterParams, MultiClientFilter, mean_hash, ssim_batch
-from .units import NO_FILTER, Unit, derive_seed, resolve_labels, setting_key
+from .units import NO_FILTER, Unit, derive_seed, resolve_labels, sequence_slice, setting_key
 
 
 # ----------------------------------------------------------------------------- simulation context
@@ -61,7 +63,11 @@ class SimContext:
         else:
             xs, ys = b.private_test.x, b.private_test.y
         self.pools = {int(c): xs[ys == c].numpy().astype(np.float32) for c in torch.unique(ys).tolist()}
+        tx, ty = b.private_test.x, b.private_test.y      # the paper protocol's held-out test images
+        self.test_pools = {int(c): tx[ty == c].numpy().astype(np.float32) for c in torch.unique(ty).tolist()}
+        self.bundle = b
         self.key = setting_key(cfg)
+        self._scorer = None
 
     def seed(self, *parts) -> int:
         return derive_seed(self.key, *parts)
@@ -71,14 +77,29 @@ class SimContext:
         seeded order, users of a label taking disjoint slices when the pool allows it
         (else each user draws its own distinct images)."""
         pool = self.pools[label]
-        users = max(1, self.sim.user_trials_per_label)
-        n = min(self.sim.user_queries, len(pool))
-        if len(pool) // users >= 2:
-            n = min(n, len(pool) // users)
+        n, own_slice = sequence_slice(len(pool), self.sim, rep)
+        if own_slice:
             order = np.random.default_rng(self.seed("users", label)).permutation(len(pool))
             return pool[order[rep * n:(rep + 1) * n]]
         order = np.random.default_rng(self.seed("user", label, rep)).permutation(len(pool))
         return pool[order[:n]]
+
+    def paper_trials(self, rep: int, per_label: int) -> list[tuple[int, int, np.ndarray]]:
+        """The paper protocol's regular-user trials, (label, trial, image): per label
+        ``per_label`` trials, each one random held-out test image of the label (drawn
+        independently, with replacement, as "one random test image" per trial), labels
+        in order.  Each label's test images are split by a seeded order into two halves:
+        rep 0 (reported) draws from the first, rep 1 (calibration) from the second."""
+        out = []
+        for lab in resolve_labels(self.sim, self.n_classes):
+            pool = self.test_pools[lab]
+            order = np.random.default_rng(self.seed("paper-users", lab)).permutation(len(pool))
+            half = len(pool) // 2
+            idx = order if half < 1 else (order[:half] if rep % 2 == 0 else order[half:])
+            rng = np.random.default_rng(self.seed("paper-user", lab, rep))
+            for t, j in enumerate(rng.choice(idx, size=per_label, replace=True)):
+                out.append((lab, t, pool[j]))
+        return out
 
     @torch.no_grad()
     def judge(self, images: list, label: int) -> tuple[np.ndarray, np.ndarray]:
@@ -150,7 +171,8 @@ def _attack_rows(ctx: SimContext, unit: Unit, bank: _Bank, res, extra: Optional[
             "max_iters": sim.max_iters, "first_success_query": first_success,
             "reached_target": bool(hit.size and first_success <= answered),
             "query_conf_at_stop": float(conf[answered - 1]) if answered >= 1 else math.nan,
-            "x_conf_at_stop": float(conf_x[i]), "re_top1_at_stop": bool(top1_x[i]), **(extra or {}).get(n, {})})
+            "x_conf_at_stop": float(conf_x[i]), "re_top1_at_stop": bool(top1_x[i]),
+            **({"role": unit.session_role} if unit.kind == "attack" else {}), **(extra or {}).get(n, {})})
     return rows
 
 
@@ -222,7 +244,10 @@ def sybil_unit(ctx: SimContext, unit: Unit, configs: dict[str, FilterParams]) ->
 
 
 def user_unit(ctx: SimContext, unit: Unit, configs: dict[str, FilterParams]) -> list[dict]:
-    """A regular user's session through every config of the bank."""
+    """A regular user's session through every config of the bank (protocol ``sequence``),
+    or the paper protocol's trials (:func:`paper_user_unit`)."""
+    if unit.user_protocol == "paper":
+        return paper_user_unit(ctx, unit, configs)
     imgs = ctx.user_session(unit.label, unit.rep)
     rows = []
     for n in unit.bank:
@@ -236,8 +261,45 @@ def user_unit(ctx: SimContext, unit: Unit, configs: dict[str, FilterParams]) -> 
                 break
         rows.append({"setting": unit.setting, "kind": "user", "config": n, "label": unit.label, "rep": unit.rep,
                      "noise": 0.0, "k": 1, "flagged": not math.isnan(flagged_at), "flagged_at": flagged_at,
-                     "n_queries": len(imgs), "max_matches": peak, "count": st.count})
+                     "n_queries": len(imgs), "max_matches": peak, "count": st.count,
+                     "protocol": "sequence", "role": unit.session_role})
     return rows
+
+
+def paper_user_unit(ctx: SimContext, unit: Unit, configs: dict[str, FilterParams]) -> list[dict]:
+    """The paper's regular users (section 4.5): each trial is one random held-out test
+    image of its label (:meth:`SimContext.paper_trials`, ``unit.k`` per label).  Alone in
+    a fresh session a single image can never be refused (Algorithm 2 needs a buffered
+    image to match), so the trials of the setting go to one client session in turn, as a
+    simulator that never opens a new session would send them; a trial is a false positive
+    when its image is refused.  One row per (config, trial)."""
+    trials = ctx.paper_trials(unit.rep, unit.k)
+    rows = []
+    for n in unit.bank:
+        st = ClientFilterState(configs[n])
+        for pos, (lab, t, im) in enumerate(trials):
+            r = st.check(im)
+            rows.append({"setting": unit.setting, "kind": "user", "config": n, "label": lab, "rep": t,
+                         "noise": 0.0, "k": 1, "flagged": not r.safe, "flagged_at": pos + 1 if not r.safe else math.nan,
+                         "n_queries": 1, "max_matches": r.matches, "count": r.count,
+                         "protocol": "paper", "role": unit.session_role, "session_pos": pos + 1})
+    return rows
+
+
+def normalise_rows(df: pd.DataFrame) -> pd.DataFrame:
+    """Rows of units computed before the user protocols and the calibration sessions
+    existed (cached under OUT/units/) with their ``protocol`` / ``role`` filled in."""
+    if df.empty:
+        return df
+    df = df.copy()
+    users = df["kind"] == "user"
+    if "protocol" not in df:
+        df["protocol"] = None
+    df.loc[users & df["protocol"].isna(), "protocol"] = "sequence"
+    if "role" not in df:
+        df["role"] = None
+    df.loc[df["kind"].isin(["attack", "user"]) & df["role"].isna(), "role"] = "report"
+    return df
 
 
 def population_unit(ctx: SimContext, unit: Unit, configs: dict[str, FilterParams]) -> list[dict]:
@@ -270,4 +332,4 @@ RUNNERS = {"attack": attack_unit, "noise": attack_unit, "sybil": sybil_unit, "us
 
 
 def run_unit(ctx: SimContext, unit: Unit, configs: dict[str, FilterParams]) -> pd.DataFrame:
-    return pd.DataFrame(RUNNERS[unit.kind](ctx, unit, configs))
+    return normalise_rows(pd.DataFrame(RUNNERS[unit.kind](ctx, unit, configs)))

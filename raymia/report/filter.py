@@ -29,11 +29,21 @@ def _fmt_pct(v) -> str:
     return "–" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{100 * v:.2f}"
 
 
+def _reported(df: pd.DataFrame) -> pd.DataFrame:
+    """Rows of the reported sessions (not the calibration sessions)."""
+    return df[df["role"].fillna("report") == "report"] if "role" in df else df
+
+
+def _protocol(df: pd.DataFrame, protocol: str) -> pd.DataFrame:
+    return df[df["protocol"].fillna("sequence") == protocol] if "protocol" in df else (
+        df if protocol == "sequence" else df.iloc[0:0])
+
+
 def attack_label_table(trials: pd.DataFrame, setting: str, paper_setting: str, names: list) -> str:
     """Tables 2/3: per label, attack attempts, attacks never detected (the paper's
     "Successful") and the max iterations before detection per Table 1 config, ours
     beside the paper's (per label for MNIST; CelebA's labels differ from ours)."""
-    a = trials[(trials["setting"] == setting) & (trials["kind"] == "attack")]
+    a = _reported(trials[(trials["setting"] == setting) & (trials["kind"] == "attack")])
     ks = sorted(paper_k(c) for c in a["config"].unique() if paper_k(c))
     ref = paper_reference(paper_setting)
     per_label = paper_setting == "mnist"
@@ -70,9 +80,14 @@ def attack_label_table(trials: pd.DataFrame, setting: str, paper_setting: str, n
     return out
 
 
-def user_label_table(trials: pd.DataFrame, setting: str, paper_setting: str, names: list) -> str:
-    """Tables 4/5: regular-user attempts and false detections per label and config."""
-    u = trials[(trials["setting"] == setting) & (trials["kind"] == "user")]
+def user_label_table(trials: pd.DataFrame, setting: str, paper_setting: str, names: list,
+                     protocol: str = "sequence") -> str:
+    """Tables 4/5: regular-user attempts and false detections per label and config, for
+    the users of one protocol (``sequence``: sessions of several images; ``paper``: one
+    test image per trial)."""
+    u = _protocol(_reported(trials[(trials["setting"] == setting) & (trials["kind"] == "user")]), protocol)
+    if u.empty:
+        return f"(no {protocol}-protocol users)"
     ks = sorted(paper_k(c) for c in u["config"].unique() if paper_k(c))
     ref = paper_reference(paper_setting)
     per_label = paper_setting == "mnist"
@@ -102,10 +117,18 @@ def user_label_table(trials: pd.DataFrame, setting: str, paper_setting: str, nam
     return out
 
 
-def table6(summary: pd.DataFrame, setting: str, paper_setting: str, extra: tuple = ()) -> str:
-    """Table 6 (ours | paper) for the Table 1 configs, plus FPR and iterations."""
+def table6(summary: pd.DataFrame, setting: str, paper_setting: str, extra: tuple = (),
+           protocol: str | None = None) -> str:
+    """Table 6 (ours | paper) for the Table 1 configs, plus FPR and iterations; with
+    ``protocol`` the regular users of that protocol (``paper`` / ``sequence``) are the
+    negatives, else the summary's primary protocol."""
     ref = paper_reference(paper_setting)
     g = summary[summary["setting"] == setting].set_index("config")
+    if protocol is not None:
+        g = g.copy()
+        for key in ("accuracy", "precision", "f1", "fpr", "fp", "tn"):
+            if f"{protocol}_{key}" in g:
+                g[key] = g[f"{protocol}_{key}"]
     header = ["config", "accuracy", "paper", "precision", "paper", "recall", "paper", "F1", "paper",
               "FPR", "paper", "max iter.", "paper", "median iter.", "TP/FN/FP/TN"]
     rows = []
@@ -119,17 +142,37 @@ def table6(summary: pd.DataFrame, setting: str, paper_setting: str, extra: tuple
                      _fmt_pct(r["precision"]), pv("precision"), _fmt_pct(r["recall"]), pv("recall"),
                      _fmt_pct(r["f1"]), pv("f1"), _fmt_pct(r["fpr"]), pv("fpr"), _fmt_int(r["iters_max"]),
                      p.get("iters_max", "–"), _fmt_int(r["iters_median"]),
-                     f"{r['tp']}/{r['fn']}/{r['fp']}/{r['tn']}"])
+                     f"{r['tp']}/{r['fn']}/{_fmt_int(r['fp'])}/{_fmt_int(r['tn'])}"])
     return md(header, rows)
+
+
+def calibration_table(calibration: dict, setting: str) -> str:
+    """The calibrated config's numbers where it was chosen (selection) and on the
+    reported sessions, which played no part in the choice (report)."""
+    cal = calibration.get(setting, {})
+    if not cal.get("config"):
+        return f"No calibrated config: {cal.get('reason', '–')}."
+    sel, rep = cal.get("selection", {}), cal.get("report", {})
+    rows = []
+    for name, d in (("selection (" + cal.get("selected_on", "?") + ")", sel), ("report (reported sessions)", rep)):
+        rows.append([name, f"{_fmt_int(d.get('attack_trials'))} / {_fmt_int(d.get('user_trials'))}",
+                     _fmt_pct(d.get("recall")), _fmt_pct(d.get("fpr")), _fmt_pct(d.get("paper_fpr")),
+                     _fmt_pct(d.get("sequence_fpr")), _fmt_int(d.get("iters_max")), _fmt_int(d.get("iters_median"))])
+    return (f"Calibrated config `{cal['config']}` (FPR ≤ {cal.get('fpr_target', 0):.0%}):\n\n" +
+            md(["sessions", "attack / user trials", "recall", "FPR", "FPR paper users", "FPR sequence users",
+                "max iter.", "median iter."], rows))
 
 
 def grid_table(summary: pd.DataFrame, setting: str) -> str:
     g = summary[summary["setting"] == setting].copy()
     g = g.sort_values(["fpr", "recall", "iters_max"], ascending=[True, False, True])
-    cols = ["config", "n_b", "t_ssim", "t_hash", "l_sp", "recall", "fpr", "f1", "iters_median", "iters_max",
-            "reached_target_before_block"]
+    cols = ["config", "n_b", "t_ssim", "t_hash", "l_sp", "recall", "fpr", "FPR paper users", "f1", "iters_median",
+            "iters_max", "reached_target_before_block", "calib. recall", "calib. FPR", "calib. max iter."]
+    get = lambda r, k: getattr(r, k, math.nan)  # noqa: E731
     rows = [[r.config, r.n_b, f"{r.t_ssim:g}", f"{r.t_hash:g}", r.l_sp, _fmt_pct(r.recall), _fmt_pct(r.fpr),
-             _fmt_pct(r.f1), _fmt_int(r.iters_median), _fmt_int(r.iters_max), _fmt_pct(r.reached_target_before_block)]
+             _fmt_pct(get(r, "paper_fpr")), _fmt_pct(r.f1), _fmt_int(r.iters_median), _fmt_int(r.iters_max),
+             _fmt_pct(r.reached_target_before_block), _fmt_pct(get(r, "cal_recall")), _fmt_pct(get(r, "cal_fpr")),
+             _fmt_int(get(r, "cal_iters_max"))]
             for r in g.itertuples()]
     return md(cols, rows)
 
@@ -300,7 +343,7 @@ def detection_fpr_plot(summary: pd.DataFrame, calibration: dict, paper_settings:
 def per_label_plot(trials: pd.DataFrame, setting: str, paper_setting: str, names: list, title: str, path) -> None:
     """Figs. 6/7: max iterations before detection per label for the Table 1 configs,
     ours (bars) beside the paper's."""
-    a = trials[(trials["setting"] == setting) & (trials["kind"] == "attack")]
+    a = _reported(trials[(trials["setting"] == setting) & (trials["kind"] == "attack")])
     ks = sorted(paper_k(c) for c in a["config"].unique() if paper_k(c))
     labels = sorted(int(v) for v in a["label"].unique())
     ref = paper_reference(paper_setting)
@@ -383,6 +426,24 @@ def noise_plot(trials: pd.DataFrame, titles: dict, thresholds: dict, path, chose
 
 # ----------------------------------------------------------------------------- the sweep's report
 
+PROTOCOL_TEXT = {"paper": "paper protocol: per trial one random held-out test image of the label (section 4.5), "
+                          "the setting's trials in one client session",
+                 "sequence": "sequence protocol: per user a session of several distinct images of the label"}
+
+
+def _user_sections(trials, summary, s, paper_setting, names, c, configs, cal) -> list:
+    from ..filter_sim.units import user_protocols
+    extra = tuple([cal] if cal else []) + tuple(n for n in configs if n.startswith("paper-") and not paper_k(n))
+    out = []
+    for p in user_protocols(c.filter_sim):
+        out += [f"### Table 4/5: regular users, {PROTOCOL_TEXT[p]}", "",
+                user_label_table(trials, s, paper_setting, names, p), ""]
+    for p in user_protocols(c.filter_sim):
+        out += [f"### Table 6: defense performance (%), regular users of the {PROTOCOL_TEXT[p]}", "",
+                table6(summary, s, paper_setting, extra, protocol=p), ""]
+    return out
+
+
 def sweep_tables(cfgs: dict, configs: dict, names: dict, trials: pd.DataFrame, summary: pd.DataFrame,
                  calibration: dict, titles: dict) -> str:
     """``tables.md`` of the filter sweep: per setting ({setting: Config} ``cfgs``, its
@@ -401,11 +462,9 @@ def sweep_tables(cfgs: dict, configs: dict, names: dict, trials: pd.DataFrame, s
                 f"{sim.trials_per_label} attack / {sim.user_trials_per_label} regular-user trial(s) per label.", "",
                 "### Table 2/3: attack attempts (`*`: some attempt never detected)", "",
                 attack_label_table(trials, s, ps[s], names[s]), "",
-                "### Table 4/5: regular users", "", user_label_table(trials, s, ps[s], names[s]), "",
-                "### Table 6: defense performance (%)", "",
-                table6(summary, s, ps[s], tuple([cal] if cal else []) + tuple(
-                    n for n in configs[s] if n.startswith("paper-") and not paper_k(n))), "",
-                f"Calibrated (FPR ≤ {c.filter_sweep.fpr_target:.0%}): `{cal}`", "",
+                *_user_sections(trials, summary, s, ps[s], names[s], c, configs[s], cal),
+                "### Calibration: chosen on calibration sessions, reported on held-out sessions", "",
+                calibration_table(calibration, s), "",
                 f"### Detection vs the attacker's noise σ (first {sim.extra_labels} label(s), 1 trial each)", "",
                 noise_curve_table(trials, s, sim.noise_std), "",
                 "### Adaptive attacker (noise): what the attack had reached", "", noise_table(trials, s), "",
