@@ -271,6 +271,9 @@ class FilterSimCfg:
     # sequence = a session of user_queries distinct images of the label; both = both, reported side by side
     user_protocol: UserProtocol = "both"
     success_conf: float = 0.9     # attack "reached the target": R_T confidence >= this before the block
+    # judge the attacker's image at the block (or at the end) by R_E and the independent judges (section
+    # judge): attack and noise trials, one image per distinct stopping query
+    judge_at_stop: bool = True
     # --- beyond the paper: adaptive noise, Sybil attacker, cross-client check
     noise_grid: list = field(default_factory=lambda: [0.0, 3.0e-5, 1.0e-4, 3.0e-4, 1.0e-3, 3.0e-3, 1.0e-2,
                                                               3.0e-2, 0.1])

@@ -68,6 +68,10 @@ def test_bank_equals_one_live_filter_per_config(mnist_ctx):
             assert df.loc[n, "blocked_at"] == res.blocked_at
             assert df.loc[n, "iters_before_detection"] == res.queries
             assert df.loc[n, "x_conf_at_stop"] == pytest.approx(res.target_conf, abs=1e-5)
+        # the image at the block, judged by R_E and the independent judges (digits: eigenfaces + SVM)
+        v = ctx.judge_images([res.image.cpu()], 0)
+        for k in ("re_top5", "re_rank", "classical_top5", "classical_rank"):
+            assert df.loc[n, f"{k}_at_stop"] == v[k][0], (n, k)
     assert df.loc[NO_FILTER, "answered"] == ctx.sim.max_iters and not df.loc[NO_FILTER, "detected"]
     assert len(df.loc[NO_FILTER, "ssim_prev"]) == ctx.sim.max_iters - 1
     assert df.loc["paper-3", "detected"] and df.loc["paper-3", "iters_before_detection"] < 50

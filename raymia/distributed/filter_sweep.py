@@ -65,9 +65,11 @@ class FilterSim:
         if df is None:
             path = self.store.dir / f"{uid}.parquet"
             if path.exists():
-                from ..filter_sim.simulate import normalise_rows
+                from ..filter_sim.simulate import normalise_rows, stale
                 df = normalise_rows(pd.read_parquet(path))
-            else:
+                if stale(df, unit, self.cfgs[unit["setting"]].filter_sim):
+                    df = None
+            if df is None:
                 u = Unit(**{**unit, "bank": tuple(unit["bank"])})
                 t = time.time()
                 df = run_unit(self._context(u.setting), u, self.configs[u.setting])

@@ -36,6 +36,8 @@ def detection_metrics(attack: pd.DataFrame, users: pd.DataFrame) -> dict:
             "re_top1_at_stop": float(attack["re_top1_at_stop"].astype(float).mean()) if len(attack) else math.nan}
 
 
+#: judges of the attacker's image at the stop: R_E and the independent judges (raymia.judges)
+JUDGES = ("re", "external", "classical")
 _PROTO_KEYS = ("fp", "tn", "user_trials", "fpr", "accuracy", "precision", "f1")
 _CAL_KEYS = ("attack_trials", "user_trials", "tp", "fn", "fp", "tn", "recall", "fpr", "iters_max", "iters_median")
 
@@ -65,6 +67,11 @@ def config_metrics(df: pd.DataFrame, protocols=("paper", "sequence")) -> dict:
     primary = "sequence" if len(users.get("sequence", ())) else "paper"
     out = detection_metrics(att, users.get(primary, df.iloc[0:0]))
     out["primary_protocol"] = primary
+    for j in JUDGES:                      # what the attacker's image at the block (or the end) reveals
+        for k in ("top1", "top5"):
+            col = f"{j}_{k}_at_stop"
+            v = att[col].dropna().astype(float) if col in att else pd.Series(dtype=float)
+            out[col] = float(v.mean()) if len(v) else math.nan
     for p in ("paper", "sequence"):
         u = users.get(p)
         m = detection_metrics(att, u) if u is not None and len(u) else {}

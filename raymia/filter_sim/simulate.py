@@ -101,6 +101,32 @@ class SimContext:
                 out.append((lab, t, pool[j]))
         return out
 
+    def scorer(self):
+        """R_E as a :class:`~raymia.evaluation.ReconstructionScorer` of the private set with
+        the independent judges of the ``judge`` section (built on first use; a judge that
+        cannot run here is left out with a message)."""
+        if self._scorer is None:
+            from ..evaluation import ReconstructionScorer
+            from ..judges import JudgeError, build_judges
+            try:
+                judges = build_judges(self.cfg, self.bundle)
+            except JudgeError as e:
+                print(f"[filter_sim] judges left out: {e}", flush=True)
+                judges = {}
+            self._scorer = ReconstructionScorer(self.evaluator, self.bundle.private_train, self.bundle.private_to_eval,
+                                                device=self.device, judges=judges)
+        return self._scorer
+
+    def judge_images(self, images: list, label: int) -> dict:
+        """Top-5 and rank of ``label`` for attacker images by R_E (``re_*``), top-1/top-5
+        and rank by each independent judge (``<judge>_*``)."""
+        v = self.scorer().score(torch.stack(images).to(self.device), [label] * len(images))
+        out = {"re_top5": v["success_top5"], "re_rank": v["eval_rank"]}     # R_E top-1: re_top1_at_stop
+        for name in self.scorer().judges:
+            for k in ("top1", "top5", "rank"):
+                out[f"{name}_{k}"] = v[f"{name}_{k}"]
+        return out
+
     @torch.no_grad()
     def judge(self, images: list, label: int) -> tuple[np.ndarray, np.ndarray]:
         """R_T confidence in ``label`` and R_E top-1 == label for attacker images."""
@@ -160,6 +186,17 @@ def _attack_rows(ctx: SimContext, unit: Unit, bank: _Bank, res, extra: Optional[
     names = list(bank.servers)
     xs = [bank.x_at_stop.get(n, res.image.cpu()) for n in names]
     conf_x, top1_x = ctx.judge(xs, unit.label)
+    judged: dict = {}
+    if sim.judge_at_stop and unit.kind in JUDGED_KINDS and names:
+        # one image per distinct stopping query (configs blocking at the same query share it)
+        stop = [bank.blocked_at.get(n, -1) for n in names]
+        first = {s_: i for i, s_ in reversed(list(enumerate(stop)))}
+        order = sorted(first)
+        v = ctx.judge_images([xs[first[s_]] for s_ in order], unit.label)
+        pos = {s_: j for j, s_ in enumerate(order)}
+        judged = {n: {f"{k}_at_stop": (vals[pos[stop[i]]].item() if hasattr(vals[pos[stop[i]]], "item")
+                                       else vals[pos[stop[i]]]) for k, vals in v.items()}
+                  for i, n in enumerate(names)}
     rows = []
     for i, n in enumerate(names):
         det = n in bank.blocked_at
@@ -172,8 +209,19 @@ def _attack_rows(ctx: SimContext, unit: Unit, bank: _Bank, res, extra: Optional[
             "reached_target": bool(hit.size and first_success <= answered),
             "query_conf_at_stop": float(conf[answered - 1]) if answered >= 1 else math.nan,
             "x_conf_at_stop": float(conf_x[i]), "re_top1_at_stop": bool(top1_x[i]),
-            **({"role": unit.session_role} if unit.kind == "attack" else {}), **(extra or {}).get(n, {})})
+            **({"role": unit.session_role} if unit.kind == "attack" else {}), **judged.get(n, {}),
+            **(extra or {}).get(n, {})})
     return rows
+
+
+#: unit kinds whose image at the stop is judged by R_E and the judges (``filter_sim.judge_at_stop``)
+JUDGED_KINDS = ("attack", "noise")
+
+
+def stale(df: pd.DataFrame, unit: dict, sim) -> bool:
+    """A cached unit computed before its images at the stop were judged (recomputed:
+    the same session, seeded, plus the judges' columns)."""
+    return bool(sim.judge_at_stop and unit["kind"] in JUDGED_KINDS and len(df) and "re_top5_at_stop" not in df)
 
 
 def attack_unit(ctx: SimContext, unit: Unit, configs: dict[str, FilterParams]) -> list[dict]:

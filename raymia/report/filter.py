@@ -146,6 +146,21 @@ def table6(summary: pd.DataFrame, setting: str, paper_setting: str, extra: tuple
     return md(header, rows)
 
 
+def judged_table(summary: pd.DataFrame, setting: str, extra: tuple = ()) -> str:
+    """What the attacker's image had reached when it was blocked (or after the last query
+    when never blocked), per config, reported attack trials: R_T's confidence (the
+    attacker's own signal) and identification by R_E and the independent judges."""
+    g = summary[summary["setting"] == setting].set_index("config")
+    names = [paper_name(k) for k in (1, 2, 3) if paper_name(k) in g.index] + [n for n in extra if n in g.index]
+    cols = [("reached_target_before_block", "R_T conf ≥ success before the block"),
+            ("re_top1_at_stop", "R_E top-1"), ("re_top5_at_stop", "R_E top-5"),
+            ("classical_top5_at_stop", "eigenfaces+SVM top-5"), ("external_top5_at_stop", "external (dlib) top-5")]
+    cols = [(k, h) for k, h in cols if k in g and g[k].notna().any()]
+    rows = [[n if paper_k(n) or is_ablation(n) else f"{n} (calibrated)"] + [_fmt_pct(g.loc[n, k]) for k, _ in cols]
+            for n in dict.fromkeys(names)]
+    return md(["config"] + [h for _, h in cols], rows)
+
+
 def calibration_table(calibration: dict, setting: str) -> str:
     """The calibrated config's numbers where it was chosen (selection) and on the
     reported sessions, which played no part in the choice (report)."""
@@ -181,13 +196,19 @@ def noise_table(trials: pd.DataFrame, setting: str) -> str:
     """Adaptive attacker: detection and what the attack had achieved when stopped."""
     n = trials[(trials["setting"] == setting) & (trials["kind"] == "noise")]
     rows = []
+    jcols = [(c, h) for c, h in (("re_top5_at_stop", "R_E top-5 at stop"),
+                                 ("classical_top5_at_stop", "eigenfaces+SVM top-5 at stop"),
+                                 ("external_top5_at_stop", "external top-5 at stop"))
+             if c in n and n[c].notna().any()]
+    mean = lambda v: _fmt_pct(v.dropna().astype(float).mean()) if v.notna().any() else "–"  # noqa: E731
     for (cfg_name, sigma), g in n.groupby(["config", "noise"], sort=True):
         rows.append([cfg_name, f"{sigma:g}", f"{int(g['detected'].astype(bool).sum())}/{len(g)}",
                      _fmt_int(g["iters_before_detection"].median()), _fmt_int(g["answered"].median()),
                      _fmt_pct(g["reached_target"].astype(float).mean()), _fmt_pct(g["x_conf_at_stop"].mean()),
-                     _fmt_pct(g["re_top1_at_stop"].astype(float).mean())])
+                     _fmt_pct(g["re_top1_at_stop"].astype(float).mean())] + [mean(g[c]) for c, _ in jcols])
     return md(["config", "noise σ", "detected", "median iter. before det.", "median answered",
-                "reached R_T conf ≥ success", "R_T conf of x at stop (mean)", "R_E top-1 at stop"], rows)
+                "reached R_T conf ≥ success", "R_T conf of x at stop (mean)", "R_E top-1 at stop"]
+              + [h for _, h in jcols], rows)
 
 
 CHOSEN_SIGMA_NOTE = ("chosen to match the paper (the largest round level at which config 2 can still detect, "
@@ -463,6 +484,12 @@ def sweep_tables(cfgs: dict, configs: dict, names: dict, trials: pd.DataFrame, s
                 "### Table 2/3: attack attempts (`*`: some attempt never detected)", "",
                 attack_label_table(trials, s, ps[s], names[s]), "",
                 *_user_sections(trials, summary, s, ps[s], names[s], c, configs[s], cal),
+                "### What the attacker had reached at the block (or at the end), judged", "",
+                "The attacker's image when its config blocked it (after the last query when never blocked), "
+                "reported attack trials (%); R_E and the independent judges identify it among the evaluator's "
+                "identities.", "",
+                judged_table(summary, s, tuple([cal] if cal else []) + tuple(
+                    n for n in configs[s] if n.startswith("paper-") and not paper_k(n))), "",
                 "### Calibration: chosen on calibration sessions, reported on held-out sessions", "",
                 calibration_table(calibration, s), "",
                 f"### Detection vs the attacker's noise σ (first {sim.extra_labels} label(s), 1 trial each)", "",
