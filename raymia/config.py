@@ -237,6 +237,7 @@ class ServeCfg:
 PaperSetting = Literal["mnist", "celeba"]   # which L_sp row of the filter paper's Table 1
 UserPool = Literal["all", "test"]
 UserProtocol = Literal["paper", "sequence", "both"]
+SsimWindow = Literal["uniform7", "gaussian11"]
 
 
 @dataclass
@@ -251,6 +252,7 @@ class FilterCfg:
     l_sp: int = 4                 # blocked once the suspicious counter reaches L_sp
     hash_size: int = 8            # simple hash: mean intensity after downsampling to this side
     data_range: float = 1.0
+    ssim_window: SsimWindow = "uniform7"   # uniform7 = skimage's default SSIM; gaussian11 = Wang et al. / tf.image.ssim
 
 
 @dataclass
@@ -298,6 +300,8 @@ class FilterSweepCfg:
     calib_trials_per_label: int = 1
     calib_user_trials_per_label: int = 1
     ablation_data_range: float = 255.0   # also run Table 1 with SSIM's L set to this on [0,1] images (0 = off)
+    # also run Table 1 with this SSIM window (paper-k-G11; "" = off): the paper used OpenCV/TF
+    ablation_ssim_window: Literal["", "uniform7", "gaussian11"] = "gaussian11"
 
 
 @dataclass

@@ -62,6 +62,37 @@ def test_ssim_matches_skimage_real(mnist, orl):
     assert np.abs(got - _sk(o64[3], nb)).max() < 1e-6 and (got > 0.999).all()
 
 
+def test_gaussian11_ssim_matches_skimage_gaussian_and_drives_the_filter(mnist, orl):
+    """``ssim_window="gaussian11"`` = skimage's Gaussian SSIM (sigma 1.5, population
+    covariance; tf.image.ssim's) within 1e-6 on real digits and faces, through a filter
+    state too; the default filter and its serialisation are unchanged."""
+    def sk_g(q, b, dr=1.0):
+        return np.array([structural_similarity(q, bi, gaussian_weights=True, sigma=1.5,
+                                               use_sample_covariance=False, data_range=dr) for bi in b])
+    x, _ = mnist
+    o, _ = orl
+    for q, b, dr in ((x[0], x[1:30], 1.0), (o[0], o[1:12], 1.0), (x[5] * 255, x[6:20] * 255, 255.0),
+                     (x[7], np.clip(x[7] + np.random.default_rng(0).normal(0, 1e-3, (4, 28, 28)), 0, 1), 1.0)):
+        ref = sk_g(q, b, dr)
+        assert np.abs(ssim_batch(q, b, data_range=dr, window="gaussian11") - ref).max() < 1e-6
+        st = SSIMStack.from_images(b, data_range=dr, window="gaussian11")
+        assert np.abs(ssim_batch(q, st, data_range=dr) - ref).max() < 1e-6
+        assert np.abs(ssim_batch(q, b, data_range=dr) - sk_g(q, b, dr)).max() > 1e-6    # a different SSIM
+    # the filter with the Gaussian window counts the matches that SSIM gives
+    p = FilterParams(n_b=10, t_ssim=0.5, t_hash=1.0, l_sp=100, ssim_window="gaussian11")
+    imgs = x[:8].astype(np.float32)
+    st = ClientFilterState(p)
+    for i, im in enumerate(imgs):
+        r = st.check(im)
+        if i:
+            assert r.matches == int((sk_g(im.astype(np.float64), imgs[:i].astype(np.float64)) > 0.5).sum())
+    back = ClientFilterState.from_bytes(st.to_bytes())
+    assert back.params.ssim_window == "gaussian11" and back.count == st.count
+    assert "ssim_window" not in FilterParams().to_dict()          # default: the state's bytes as before
+    with pytest.raises(ValueError, match="ssim_window"):
+        FilterParams(ssim_window="box")
+
+
 def test_ssim_rejects_bad_arrays():
     with pytest.raises(ValueError):
         ssim_batch(np.zeros((5, 5)), np.zeros((2, 5, 5)), data_range=1.0)        # smaller than the window

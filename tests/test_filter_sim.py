@@ -15,7 +15,8 @@ from raymia.config import ConfigError, config_from_dict, load_config
 from raymia.defenses.filter import ClientFilterState, FilterParams
 from raymia.filter_sim import (NO_FILTER, SimContext, Unit, calibrate, detection_metrics, main_units, run_unit,
                                setting_key, sweep_configs)
-from raymia.filter_sim.units import calib_images_disjoint, calib_units
+from raymia.filter_sim.units import calib_images_disjoint, calib_units, is_window_ablation
+from raymia.pipelines.filter_sweep import main_bank
 from raymia.paper import paper_reference
 from raymia.training import train_classifier
 
@@ -97,7 +98,7 @@ def test_user_protocols_and_held_out_calibration_sessions(mnist_ctx):
     ctx = mnist_ctx
     cfg, configs, key = ctx.cfg, sweep_configs(ctx.cfg), ctx.key
     assert cfg.filter_sim.user_protocol == "both"
-    units = main_units("filter_mnist", cfg.filter_sim, 10, list(configs))
+    units = main_units("filter_mnist", cfg.filter_sim, 10, main_bank(configs))
     seq = [u for u in units if u.kind == "user" and u.user_protocol == "sequence"]
     assert [u.uid(key, configs) for u in seq] == ["filter_mnist-user-ef56d21fe2654375",
                                                  "filter_mnist-user-b4bb1bad5dc9fdfc"]
@@ -184,8 +185,12 @@ def test_setting_key_and_unit_ids_keep_their_values():
     cfg = load_config("filter_mnist", SMALL)
     key, configs = setting_key(cfg), sweep_configs(cfg)
     assert key == "e378825ddf0c"
-    assert list(configs) == ["paper-1", "paper-2", "paper-3", "nb10-s0.99-h0.001-l4"]
-    units = main_units("filter_mnist", cfg.filter_sim, 10, list(configs))
+    assert list(configs) == ["paper-1", "paper-2", "paper-3", "paper-1-G11", "paper-2-G11", "paper-3-G11",
+                             "nb10-s0.99-h0.001-l4"]
+    assert configs["paper-2-G11"].ssim_window == "gaussian11" and is_window_ablation("paper-2-G11")
+    bank = main_bank(configs)                # the SSIM-window ablation has units of its own
+    assert bank == ["paper-1", "paper-2", "paper-3", "nb10-s0.99-h0.001-l4"]
+    units = main_units("filter_mnist", cfg.filter_sim, 10, bank)
     assert [u.uid(key, configs) for u in units[:2]] == ["filter_mnist-attack-d40dbcab87e6e626",
                                                         "filter_mnist-attack-47460a52601b323b"]
     # sweep-only settings do not enter the key; simulation settings do
@@ -230,20 +235,25 @@ def test_filter_sweep_job_runs_and_resumes(ray_session, tmp_path, capsys):
               "detection_vs_fpr.png", "noise.png", "max_iters_per_label_filter_mnist.png"):
         assert (out / f).exists(), f
     summ = pd.read_csv(out / "filter_summary.csv")
-    assert set(summ["config"]) == {"paper-1", "paper-2", "paper-3", "nb10-s0.99-h0.001-l4"}
+    assert set(summ["config"]) == {"paper-1", "paper-2", "paper-3", "nb10-s0.99-h0.001-l4", "paper-1-G11",
+                                   "paper-2-G11", "paper-3-G11"}
     trials = pd.read_parquet(out / "filter_trials.parquet")
     assert set(trials["kind"]) == {"attack", "user", "noise", "sybil", "population"}
     att = trials[trials["kind"] == "attack"]
-    assert len(att[att["role"] == "report"]) == 2 * 4                 # 2 labels x 1 trial x 4 configs
+    assert len(att[att["role"] == "report"]) == 2 * 7                 # 2 labels x 1 trial x 7 configs
     assert len(att[att["role"] == "calib"]) == 2 * 4                  # the calibration sessions
     users = trials[trials["kind"] == "user"]
     assert set(users["protocol"]) == {"paper", "sequence"} and set(users["role"]) == {"report", "calib"}
-    p3 = summ.set_index("config").loc["paper-3"]
+    by = summ.set_index("config")
+    assert by.loc["paper-3-G11", "recall"] == 1.0 and by.loc["paper-3-G11", "attack_trials"] == 2
+    assert by["classical_top5_at_stop"].between(0, 1).all() and by["re_top5_at_stop"].between(0, 1).all()
+    p3 = by.loc["paper-3"]
     assert p3["recall"] == 1.0 and p3["fpr"] == 0.0 and p3["paper_fpr"] == 0.0 and p3["cal_attack_trials"] == 2
     text = (out / "tables.md").read_text()
     for words in ("Table 6: defense performance (%), regular users of the paper protocol",
                   "regular users of the sequence protocol", "chosen to match the paper",
-                  "Detection vs the attacker's noise σ", "Calibration: chosen on calibration sessions"):
+                  "Detection vs the attacker's noise σ", "Calibration: chosen on calibration sessions",
+                  "| paper-3-G11 |", "What the attacker had reached at the block"):
         assert words in text, words
     assert (out / "detection_vs_noise.png").exists()
     cal = json.loads((out / "calibration.json").read_text())["filter_mnist"]
@@ -252,7 +262,8 @@ def test_filter_sweep_job_runs_and_resumes(ray_session, tmp_path, capsys):
     units = {p: p.stat().st_mtime_ns for p in (out / "units").glob("*.parquet")}
     filter_sweep(argv)
     second = capsys.readouterr().out
-    # reported: 2 attack + 2 sequence users + 1 paper-protocol unit; calibration: the same again
-    assert "(10 already done)" in second
+    # reported: 2 attack + 2 sequence users + 1 paper-protocol unit, the same for the G11 ablation and
+    # for the calibration
+    assert "(15 already done)" in second
     assert {p: p.stat().st_mtime_ns for p in (out / "units").glob("*.parquet")} == units
     pd.testing.assert_frame_equal(pd.read_csv(out / "filter_summary.csv"), summ)

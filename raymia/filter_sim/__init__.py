@@ -8,9 +8,9 @@ their ids and seeds); ``simulate``: :class:`SimContext` and the session runners
 calibration (:func:`calibrate`)."""
 from .metrics import METRIC_KEYS, calibrate, detection_metrics, sweep_summary
 from .simulate import RUNNERS, SimContext, run_unit
-from .units import (NO_FILTER, Unit, config_name, derive_seed, extra_units, is_ablation, main_units, paper_k,
-                    paper_name, resolve_labels, setting_key, sweep_configs)
+from .units import (NO_FILTER, Unit, calib_units, config_name, derive_seed, extra_units, is_ablation,
+                    is_window_ablation, main_units, paper_k, paper_name, resolve_labels, setting_key, sweep_configs)
 
 __all__ = ["METRIC_KEYS", "calibrate", "detection_metrics", "sweep_summary", "RUNNERS", "SimContext", "run_unit",
-           "NO_FILTER", "Unit", "config_name", "derive_seed", "extra_units", "is_ablation", "main_units", "paper_k",
-           "paper_name", "resolve_labels", "setting_key", "sweep_configs"]
+           "NO_FILTER", "Unit", "calib_units", "config_name", "derive_seed", "extra_units", "is_ablation",
+           "is_window_ablation", "main_units", "paper_k", "paper_name", "resolve_labels", "setting_key", "sweep_configs"]

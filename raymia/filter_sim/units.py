@@ -32,9 +32,19 @@ def paper_k(name: str) -> int:
 
 
 def is_ablation(name: str) -> bool:
-    """Table 1 configs run with another SSIM data range (``paper-k-L255``)."""
+    """Table 1 configs run with another SSIM data range (``paper-k-L255``) or SSIM window
+    (``paper-k-G11``)."""
     parts = name.split("-")
-    return len(parts) == 3 and parts[0] == "paper" and parts[2].startswith("L")
+    return len(parts) == 3 and parts[0] == "paper" and parts[2][:1] in ("L", "G")
+
+
+def is_window_ablation(name: str) -> bool:
+    """Table 1 configs run with another SSIM window (``paper-k-G11`` / ``paper-k-U7``):
+    simulated in units of their own, so the units of the other configs keep their ids."""
+    return is_ablation(name) and name.split("-")[2][:1] in ("G", "U")
+
+
+WINDOW_TAG = {"gaussian11": "G11", "uniform7": "U7"}
 
 
 def config_name(p: FilterParams) -> str:
@@ -60,6 +70,11 @@ def sweep_configs(cfg: Config) -> dict[str, FilterParams]:
         for k in sw.paper_configs:
             out[f"{paper_name(k)}-L{sw.ablation_data_range:g}"] = FilterParams.paper(
                 k, setting, hash_size=base.hash_size, data_range=sw.ablation_data_range)
+    win = sw.ablation_ssim_window
+    if win and win != base.ssim_window:
+        for k in sw.paper_configs:
+            out[f"{paper_name(k)}-{WINDOW_TAG[win]}"] = FilterParams.paper(
+                k, setting, hash_size=base.hash_size, data_range=base.data_range, ssim_window=win)
     seen = set(out.values())
     l_sps = list(sw.grid_l_sp) or [PAPER_TABLE1[0]["l_sp"][setting]]
     for n_b in sw.grid_n_b:
@@ -67,7 +82,7 @@ def sweep_configs(cfg: Config) -> dict[str, FilterParams]:
             for t_h in sw.grid_t_hash:
                 for l_sp in l_sps:
                     p = FilterParams(n_b=n_b, t_ssim=t_s, t_hash=t_h, l_sp=l_sp, hash_size=base.hash_size,
-                                     data_range=base.data_range)
+                                     data_range=base.data_range, ssim_window=base.ssim_window)
                     if p not in seen:
                         seen.add(p)
                         out[config_name(p)] = p

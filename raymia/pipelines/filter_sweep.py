@@ -26,7 +26,7 @@ from ..artifacts import read_manifest, write_run_record
 from ..config import Config, ConfigError, load_config
 from ..filter_sim import calibrate, extra_units, main_units, paper_k, setting_key, sweep_configs, sweep_summary
 from ..filter_sim.simulate import normalise_rows
-from ..filter_sim.units import calib_images_disjoint, calib_units, is_ablation, user_protocols
+from ..filter_sim.units import calib_images_disjoint, calib_units, is_ablation, is_window_ablation, user_protocols
 from ..kinds import artifact_dir
 from ..runtime import resolve_out_root
 
@@ -93,8 +93,10 @@ def prepare(cfgs: dict, out=None) -> tuple[Path, dict, dict, dict]:
 
 
 def main_bank(configs: dict) -> list:
-    """The configurations every reported session runs through (all of the setting's)."""
-    return list(configs)
+    """The configurations every reported session runs through: all of the setting's but
+    the SSIM-window ablation, which has sessions of its own (the same seeds, so the same
+    attack query streams and users) -- the other units keep the ids they had before it."""
+    return [n for n in configs if not is_window_ablation(n)]
 
 
 def plan_main(cfgs: dict, configs: dict, ncls: dict, keys: dict) -> list:
@@ -102,6 +104,8 @@ def plan_main(cfgs: dict, configs: dict, ncls: dict, keys: dict) -> list:
     user protocols), each session through every configuration of its setting; then the
     calibration sessions (other seeds and users) through every non-ablation configuration."""
     main = [u for s, c in cfgs.items() for u in main_units(s, c.filter_sim, ncls[s], main_bank(configs[s]))]
+    main += [u for s, c in cfgs.items() if any(map(is_window_ablation, configs[s]))
+             for u in main_units(s, c.filter_sim, ncls[s], [n for n in configs[s] if is_window_ablation(n)])]
     main += [u for s, c in cfgs.items()
              for u in calib_units(s, c.filter_sim, c.filter_sweep, ncls[s],
                                   [n for n in configs[s] if not is_ablation(n)])]

@@ -326,7 +326,8 @@ def detection_fpr_plot(summary: pd.DataFrame, calibration: dict, paper_settings:
             y = r.iters_max if full else cap * 1.15
             if is_ablation(r.config):
                 ax.scatter(r.fpr, y, marker="x", s=40, color="gray")
-                ax.annotate(f"cfg {r.config.split('-')[1]}, L={r.data_range:g}", (r.fpr, y), textcoords="offset points",
+                tag = f"L={r.data_range:g}" if r.config.split("-")[2].startswith("L") else r.config.split("-")[2]
+                ax.annotate(f"cfg {r.config.split('-')[1]}, {tag}", (r.fpr, y), textcoords="offset points",
                             xytext=(5, -9), fontsize=7, color="gray")
                 continue
             c = cmap(ts.index(r.t_ssim) / max(1, len(ts) - 1))

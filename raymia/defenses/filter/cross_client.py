@@ -130,7 +130,7 @@ class GlobalIndex:
                     if self._gcount[root] >= self.l_sp:
                         return GlobalResult(False, matches, self._gcount[root], True, self._members[root])
         if ring is None:
-            ring = self._ring = _RingStack(self.size, q.shape, p.data_range)
+            ring = self._ring = _RingStack(self.size, q.shape, p.data_range, p.ssim_window)
         if ring.size == ring.cap:                    # evict the oldest from its bucket
             old = ring.start
             bs = self._buckets.get(int(self._bucket_of[old]))

@@ -12,7 +12,7 @@ from typing import Any, Optional, Tuple
 import numpy as np
 
 from ...paper import PAPER_TABLE1
-from .ssim import SSIM_WIN
+from .ssim import SSIM_WIN, SSIM_WINDOWS
 
 
 class FilterInputError(ValueError):
@@ -46,6 +46,10 @@ class FilterParams:
     data_range images lie in [0, data_range]; SSIM's L
     max_side   largest accepted image side (bounds per-client memory)
     max_channels  largest accepted channel count
+    ssim_window   ``uniform7`` (skimage's default SSIM, the default) or ``gaussian11``
+               (11x11 Gaussian, sigma 1.5, as Wang et al. / tf.image.ssim; an ablation).
+               Left out of :meth:`to_dict` at its default, so the serialised states and
+               the sweep's unit ids of default filters are what they were before it existed.
     """
     n_b: int = 10
     t_ssim: float = 0.999
@@ -55,6 +59,7 @@ class FilterParams:
     data_range: float = 1.0
     max_side: int = 1024
     max_channels: int = 4
+    ssim_window: str = "uniform7"
 
     def __post_init__(self):
         bad = []
@@ -68,6 +73,8 @@ class FilterParams:
             bad.append(f"t_hash must be a finite number >= 0, got {self.t_hash!r}")
         if not _is_real(self.data_range) or float(self.data_range) <= 0:
             bad.append(f"data_range must be a finite number > 0, got {self.data_range!r}")
+        if self.ssim_window not in SSIM_WINDOWS:
+            bad.append(f"ssim_window must be one of {', '.join(SSIM_WINDOWS)}, got {self.ssim_window!r}")
         if _is_int(self.max_side) and self.max_side < SSIM_WIN:
             bad.append(f"max_side must be >= {SSIM_WIN} (the SSIM window), got {self.max_side}")
         if bad:
@@ -116,10 +123,15 @@ class FilterParams:
             raise ConfigError(f"filter: {e}") from None
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """The parameters by name; ``ssim_window`` only when it is not the default."""
+        d = asdict(self)
+        if d["ssim_window"] == "uniform7":
+            del d["ssim_window"]
+        return d
 
     def label(self) -> str:
-        return f"N_B={self.n_b} T_ssim={self.t_ssim:g} T_hash={self.t_hash:g} L_sp={self.l_sp}"
+        win = "" if self.ssim_window == "uniform7" else f" SSIM={self.ssim_window}"
+        return f"N_B={self.n_b} T_ssim={self.t_ssim:g} T_hash={self.t_hash:g} L_sp={self.l_sp}{win}"
 
 
 @dataclass(frozen=True)

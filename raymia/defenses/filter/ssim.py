@@ -35,6 +35,12 @@ from typing import Any, Iterable, Tuple
 import numpy as np
 
 SSIM_WIN = 7                 # skimage default window (uniform, 7x7)
+#: SSIM windows: ``uniform7`` (skimage's default, the filter's default) and ``gaussian11``
+#: (Wang et al. 2004 / ``tf.image.ssim`` / OpenCV's sample: 11x11 Gaussian, sigma 1.5,
+#: population covariance) -- the latter only when a filter's ``ssim_window`` selects it
+SSIM_WINDOWS = ("uniform7", "gaussian11")
+GAUSS_WIN = 11
+GAUSS_SIGMA = 1.5
 _K1 = 0.01
 _K2 = 0.03
 _NP = SSIM_WIN * SSIM_WIN    # 49 pixels per window
@@ -141,25 +147,28 @@ class SSIMStack:
     query does not depend on which other rows share the stack.
     """
 
-    __slots__ = ("shape", "data_range", "img", "m1", "m1sq", "v48")
+    __slots__ = ("shape", "data_range", "img", "m1", "m1sq", "v48", "window")
 
-    def __init__(self, shape, data_range, img, m1, m1sq, v48):  # internal; use from_images
+    def __init__(self, shape, data_range, img, m1, m1sq, v48, window="uniform7"):  # internal; use from_images
         self.shape = shape
         self.data_range = data_range
+        self.window = window  # gaussian11: SSIM computed from ``img`` alone (the 7x7 statistics unused)
         self.img = img      # (n, P) float32 pixels
         self.m1 = m1        # (n, P) window sum / 7
         self.m1sq = m1sq    # (n, P) m1**2 = (window sum)^2 / 49
         self.v48 = v48      # (n, P) window sum of x^2 - m1sq = 48 * sample variance
 
     @classmethod
-    def from_images(cls, images: Any, *, data_range: float) -> "SSIMStack":
+    def from_images(cls, images: Any, *, data_range: float, window: str = "uniform7") -> "SSIMStack":
         """Prepare a stack (n, H, W) -- or one image (H, W) -- of grayscale images."""
         dr = _check_data_range(data_range)
         a = _stack_array(images)
         n, h, w = a.shape
         block = np.empty((4, n, h * w), np.float32)
         np.copyto(block[0].reshape(n, h, w), a, casting="unsafe")
-        return cls._prepare(block, (h, w), dr)
+        st = cls._prepare(block, (h, w), dr)
+        st.window = _check_window(window)
+        return st
 
     @classmethod
     def _prepare(cls, block: np.ndarray, shape: Tuple[int, int], dr: float) -> "SSIMStack":
@@ -182,7 +191,7 @@ class SSIMStack:
     def take(self, idx: Any) -> "SSIMStack":
         """Rows ``idx`` (an index array or slice) as a new stack."""
         return SSIMStack(self.shape, self.data_range, self.img[idx], self.m1[idx],
-                         self.m1sq[idx], self.v48[idx])
+                         self.m1sq[idx], self.v48[idx], self.window)
 
     @staticmethod
     def concat(stacks: Iterable["SSIMStack"]) -> "SSIMStack":
@@ -191,10 +200,10 @@ class SSIMStack:
             raise ValueError("concat needs at least one stack")
         s0 = stacks[0]
         for s in stacks[1:]:
-            if s.shape != s0.shape or s.data_range != s0.data_range:
-                raise ValueError("stacks differ in image shape or data_range")
+            if s.shape != s0.shape or s.data_range != s0.data_range or s.window != s0.window:
+                raise ValueError("stacks differ in image shape, data_range or window")
         cat = lambda name: np.concatenate([getattr(s, name) for s in stacks])  # noqa: E731
-        return SSIMStack(s0.shape, s0.data_range, cat("img"), cat("m1"), cat("m1sq"), cat("v48"))
+        return SSIMStack(s0.shape, s0.data_range, cat("img"), cat("m1"), cat("m1sq"), cat("v48"), s0.window)
 
     def images(self) -> np.ndarray:
         """The stored float32 images, shape (n, H, W) (a view)."""
@@ -213,7 +222,62 @@ def _stack_array(images: Any) -> np.ndarray:
     return a
 
 
-def ssim_batch(query: Any, buffer: Any, *, data_range: float) -> np.ndarray:
+def _check_window(window: Any) -> str:
+    if window not in SSIM_WINDOWS:
+        raise ValueError(f"SSIM window must be one of {', '.join(SSIM_WINDOWS)}, got {window!r}")
+    return window
+
+
+@lru_cache(maxsize=4)
+def _gauss_taps() -> np.ndarray:
+    """scipy.ndimage.gaussian_filter's 1-D kernel for sigma 1.5, truncate 3.5 (radius 5),
+    as ``skimage.metrics.structural_similarity(gaussian_weights=True)`` uses it."""
+    r = int(3.5 * GAUSS_SIGMA + 0.5)
+    x = np.arange(-r, r + 1, dtype=np.float64)
+    k = np.exp(-0.5 * (x / GAUSS_SIGMA) ** 2)
+    k = k / k.sum()
+    k.flags.writeable = False
+    return k
+
+
+def _gauss_valid(a: np.ndarray) -> np.ndarray:
+    """Separable 11x11 Gaussian window means of (..., H, W), valid positions only
+    (..., H-10, W-10): the region over which SSIM is averaged, where the filter's border
+    mode never matters."""
+    k = _gauss_taps()
+    n = len(k)
+    w = a.shape[-1] - n + 1
+    h = a.shape[-2] - n + 1
+    t = k[0] * a[..., :, 0:w]
+    for i in range(1, n):
+        t = t + k[i] * a[..., :, i:i + w]
+    o = k[0] * t[..., 0:h, :]
+    for i in range(1, n):
+        o = o + k[i] * t[..., i:i + h, :]
+    return o
+
+
+def ssim_gaussian(query: np.ndarray, images: np.ndarray, dr: float) -> np.ndarray:
+    """SSIM with an 11x11 Gaussian window (sigma 1.5), population (co)variances, K1 0.01,
+    K2 0.03, averaged over the positions whose window lies inside the image, in float64:
+    ``skimage.metrics.structural_similarity(q, b, gaussian_weights=True, sigma=1.5,
+    use_sample_covariance=False, data_range=dr)`` for float64 images, as
+    ``tf.image.ssim``.  ``query`` (H, W), ``images`` (n, H, W); returns (n,) float64."""
+    q = np.asarray(query, np.float64)
+    b = np.asarray(images, np.float64).reshape((-1,) + q.shape)
+    if min(q.shape) < GAUSS_WIN:
+        raise ValueError(f"images must be at least {GAUSS_WIN}x{GAUSS_WIN} for the gaussian11 SSIM window, "
+                         f"got {q.shape[0]}x{q.shape[1]}")
+    c1, c2 = (_K1 * dr) ** 2, (_K2 * dr) ** 2
+    mq, mb = _gauss_valid(q), _gauss_valid(b)
+    vq = _gauss_valid(q * q) - mq * mq
+    vb = _gauss_valid(b * b) - mb * mb
+    cov = _gauss_valid(q[None] * b) - mq[None] * mb
+    s = ((2 * mq * mb + c1) * (2 * cov + c2)) / ((mq * mq + mb * mb + c1) * (vq + vb + c2))
+    return s.reshape(len(b), -1).mean(1)
+
+
+def ssim_batch(query: Any, buffer: Any, *, data_range: float, window: str = "uniform7") -> np.ndarray:
     """SSIM of one grayscale image against each image of a stack, shape (n,) float64.
 
     ``query`` is (H, W); ``buffer`` is (n, H, W), one (H, W) image, or an
@@ -224,19 +288,35 @@ def ssim_batch(query: Any, buffer: Any, *, data_range: float) -> np.ndarray:
     about 1e-7 for images whose values lie in a range of width ``data_range``,
     and relatively tighter still as the images approach identity.  Images must
     be at least 7x7 and finite (a ValueError is raised otherwise).
+
+    ``window="gaussian11"`` (or a stack prepared with it) gives :func:`ssim_gaussian`
+    instead: the 11x11 Gaussian window of Wang et al. / ``tf.image.ssim`` (images at
+    least 11x11).
     """
     dr = _check_data_range(data_range)
+    window = _check_window(window)
     if isinstance(buffer, SSIMStack):
+        window = buffer.window
         stack = buffer
         if stack.data_range != dr:
             raise ValueError(f"stack was prepared with data_range={stack.data_range}, "
                              f"called with {dr}")
+    elif window == "gaussian11":          # raw images: computed from them directly, in their own precision
+        a = _stack_array(buffer)
+        q = _real_array(query, "query")
+        if q.shape != a.shape[1:]:
+            raise ValueError(f"query shape {q.shape} does not match buffer images {a.shape[1:]}")
+        out = ssim_gaussian(q, a, dr)
+        if not np.isfinite(out).all():
+            raise ValueError("SSIM is not finite: the query or the buffer holds NaN/inf")
+        return out
     else:
         a = _stack_array(buffer)
         n, h, w = a.shape
         block = _arena("raw_stack", 4 * n * h * w)[: 4 * n * h * w].reshape(4, n, h * w)
         np.copyto(block[0].reshape(n, h, w), a, casting="unsafe")
         stack = SSIMStack._prepare(block, (h, w), dr)
+        stack.window = window
     q = _real_array(query, "query")
     if q.shape != stack.shape:
         raise ValueError(f"query shape {q.shape} does not match buffer images {stack.shape}")
@@ -266,6 +346,8 @@ def _ssim_prepared(q: np.ndarray, st: SSIMStack, dr: float) -> np.ndarray:
     n = len(st)
     if n == 0:
         return np.empty(0, np.float64)
+    if st.window == "gaussian11":
+        return ssim_gaussian(q, st.images(), dr)
     h, w = st.shape
     p = h * w
     c1g, c2g = _query_consts(h, w, dr)

@@ -23,11 +23,11 @@ def _query_hash(q: np.ndarray, p: FilterParams) -> float:
 class _RingStack:
     """Fixed-capacity ring of (C, H, W) images with their SSIM statistics, per channel."""
 
-    def __init__(self, capacity: int, shape: Tuple[int, int, int], data_range: float):
+    def __init__(self, capacity: int, shape: Tuple[int, int, int], data_range: float, window: str = "uniform7"):
         c, h, w = shape
-        self.shape, self.cap, self.c, self.dr = shape, capacity, c, data_range
+        self.shape, self.cap, self.c, self.dr, self.window = shape, capacity, c, data_range, window
         block = np.zeros((4, capacity * c, h * w), np.float32)
-        self.stack = SSIMStack((h, w), data_range, block[0], block[1], block[2], block[3])
+        self.stack = SSIMStack((h, w), data_range, block[0], block[1], block[2], block[3], window)
         self.hashes = np.zeros(capacity, np.float64)
         self.start = 0
         self.size = 0
@@ -61,7 +61,8 @@ class _RingStack:
             out = np.zeros(self.size, np.float64)
             for ch in range(c):
                 rows = slice(ch, self.size * c, c)
-                view = SSIMStack(st.shape, self.dr, st.img[rows], st.m1[rows], st.m1sq[rows], st.v48[rows])
+                view = SSIMStack(st.shape, self.dr, st.img[rows], st.m1[rows], st.m1sq[rows], st.v48[rows],
+                                 self.window)
                 out += _ssim_prepared(q[ch], view, self.dr)
             return out[slots] / c
         out = np.zeros(len(slots), np.float64)
@@ -150,7 +151,7 @@ class ClientFilterState:
             if self.count >= p.l_sp:
                 return FilterResult(False, matches, self.count, True)
         if ring is None:
-            ring = self._ring = _RingStack(p.n_b, q.shape, p.data_range)
+            ring = self._ring = _RingStack(p.n_b, q.shape, p.data_range, p.ssim_window)
         ring.push(q, h)
         return FilterResult(True, matches, self.count, False)
 
@@ -197,7 +198,7 @@ class ClientFilterState:
             raise FilterInputError(f"{fail} (header keys)")
         pd_ = header["params"]
         names = {f.name for f in fields(FilterParams)}
-        if not isinstance(pd_, dict) or set(pd_) != names:
+        if not isinstance(pd_, dict) or set(pd_) not in (names, names - {"ssim_window"}):
             raise FilterInputError(f"{fail} (parameter keys)")
         try:
             params = FilterParams(**pd_)
@@ -225,7 +226,7 @@ class ClientFilterState:
         imgs = np.frombuffer(raw, dtype="<f4").reshape(n, c, h, w).astype(np.float32)
         if not np.isfinite(imgs).all() or (n and (imgs.min() < 0 or imgs.max() > params.data_range)):
             raise FilterInputError(f"{fail} (buffered images are not finite or outside [0, data_range])")
-        st._ring = _RingStack(params.n_b, (c, h, w), params.data_range)
+        st._ring = _RingStack(params.n_b, (c, h, w), params.data_range, params.ssim_window)
         for im in imgs:
             st._ring.push(im, _query_hash(im, params))
         return st
