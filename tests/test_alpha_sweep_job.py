@@ -35,7 +35,7 @@ def test_outputs_are_complete(smoke_sweep):
                 "final_loss"):
         assert col in trials and trials[col].notna().all(), col
     summary = pd.read_csv(out / "alpha_summary.csv")
-    assert set(summary["variant"]) == {"paper", "calibrated"} and len(summary) == 6
+    assert set(summary["variant"]) == {"paper", "calibrated"} and len(summary) == 8
     assert {"mia_success_top5", "ci_low", "ci_high", "mia_success_top1", "accuracy"} <= set(summary.columns)
     rec = json.loads((out / "recommendation.json").read_text())
     assert set(rec["variants"]) == {"paper", "calibrated"} and rec["paper"]["rt_accuracy"] == 0.958
