@@ -93,6 +93,24 @@ def test_gaussian11_ssim_matches_skimage_gaussian_and_drives_the_filter(mnist, o
         FilterParams(ssim_window="box")
 
 
+def test_same_label_pair_statistic(mnist):
+    """bench/ssim_pairs.py's statistic: every same-label pair once, each SSIM variant as skimage."""
+    from raymia.filter_sim.pairs import pair_stats, pairs_table, same_label_ssim
+    x, y = mnist
+    pools = {0: x[y == 0][:6], 1: x[y == 1][:4]}
+    ref = [structural_similarity(p[i], p[j], data_range=1.0) for _, p in sorted(pools.items())
+           for i in range(len(p)) for j in range(i + 1, len(p))]
+    got = same_label_ssim(pools, 1.0, "uniform7")
+    assert len(got) == 15 + 6 and np.abs(got - ref).max() < 1e-6
+    g = same_label_ssim(pools, 1.0, "gaussian11")
+    assert np.abs(g[:15] - [structural_similarity(pools[0][i], pools[0][j], gaussian_weights=True, sigma=1.5,
+                                                  use_sample_covariance=False, data_range=1.0)
+                            for i in range(6) for j in range(i + 1, 6)]).max() < 1e-6
+    st = pair_stats(got)
+    assert st["pairs"] == 21 and st["max"] == pytest.approx(max(ref)) and st["above_0.999"] == 0.0
+    assert "| 21 |" in pairs_table([{"setting": "s", "pool": "p", "variant": "v", **st}])
+
+
 def test_ssim_rejects_bad_arrays():
     with pytest.raises(ValueError):
         ssim_batch(np.zeros((5, 5)), np.zeros((2, 5, 5)), data_range=1.0)        # smaller than the window

@@ -120,7 +120,8 @@ def calibrate(summary: pd.DataFrame, fpr_target: float) -> dict:
     sessions (``selected_on: "report sessions (not held out)"``)."""
     out = {}
     for setting, g in summary.groupby("setting", sort=False):
-        held_out = "cal_attack_trials" in g and bool((g["cal_attack_trials"].fillna(0) > 0).all())
+        cand = g[~g["config"].map(is_ablation)]          # ablations have no calibration sessions
+        held_out = "cal_attack_trials" in g and len(cand) and bool((cand["cal_attack_trials"].fillna(0) > 0).all())
         pre = "cal_" if held_out else ""
         ok = g[(g[f"{pre}fpr"] <= fpr_target + 1e-12) & ~g["config"].map(is_ablation)].copy()
         if ok.empty:
