@@ -235,6 +235,35 @@ def _parse_flag(v: Any, name: str) -> bool:
     raise RequestError(422, f"bad_{name}", f"{name} must be true or false, got {v!r}")
 
 
+MAX_INT_DIGITS = 30     # a pixel, top_k or flag never needs more; longer integer literals are refused
+
+
+def _parse_int(text: str) -> int:
+    if len(text.lstrip("-")) > MAX_INT_DIGITS:
+        raise RequestError(422, "bad_number", f"integer literal of {len(text)} characters in the JSON body; "
+                           f"numbers must have at most {MAX_INT_DIGITS} digits")
+    return int(text)
+
+
+def load_json(body: bytes) -> Any:
+    """A request body as JSON; every failure is a 4xx :class:`RequestError` (invalid
+    UTF-8 or JSON, nesting too deep, an integer literal too long for Python's int-string
+    limit, which ``json`` raises as a plain ValueError, not a JSONDecodeError).  NaN and
+    Infinity parse as floats and are refused later with the image's values."""
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError:
+        raise RequestError(400, "bad_encoding", "JSON body is not valid UTF-8") from None
+    try:
+        return json.loads(text, parse_int=_parse_int)
+    except RecursionError:
+        raise RequestError(400, "bad_json", "JSON body is nested too deeply") from None
+    except json.JSONDecodeError as e:
+        raise RequestError(400, "bad_json", f"body is not valid JSON: {e}") from None
+    except ValueError as e:       # e.g. int-string conversion limits, lone surrogates
+        raise RequestError(400, "bad_json", f"body is not valid JSON: {str(e)[:200]}") from None
+
+
 def parse_predict(content_type: Optional[str], body: bytes, spec: InputSpec,
                   query: Optional[Mapping[str, str]] = None) -> tuple[np.ndarray, dict]:
     """Parse a ``POST /predict`` body -> (image float32 (C, H, W), {"top_k", "labels_only"}).
@@ -262,14 +291,7 @@ def parse_predict(content_type: Optional[str], body: bytes, spec: InputSpec,
         raise RequestError(415, "unsupported_media_type",
                            f"Content-Type {content_type!r} is not supported; send image/png, image/jpeg or "
                            "application/json")
-    try:
-        doc = json.loads(body.decode("utf-8"))
-    except UnicodeDecodeError:
-        raise RequestError(400, "bad_encoding", "JSON body is not valid UTF-8") from None
-    except RecursionError:
-        raise RequestError(400, "bad_json", "JSON body is nested too deeply") from None
-    except json.JSONDecodeError as e:
-        raise RequestError(400, "bad_json", f"body is not valid JSON: {e}") from None
+    doc = load_json(body)
     if not isinstance(doc, dict):
         raise RequestError(422, "bad_json", "JSON body must be an object like {\"image\": [[...]]}")
     unknown = sorted(set(doc) - set(JSON_KEYS))
