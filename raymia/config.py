@@ -232,6 +232,12 @@ class ServeCfg:
     torch_threads: int = 1         # torch threads per replica (0 = leave as is)
     fold_bn: bool = True           # fold BatchNorm into the preceding layers for inference (same outputs up to rounding)
     max_ongoing_requests: int = 64 # per replica
+    shard_timeout_s: float = 10.0  # deadline of one filter-shard call (retries included); past it: 503, fail closed
+    health_interval_s: float = 2.0 # /healthz answers from shard health refreshed at most this often
+    cache_clients: int = 5000      # in-memory client states per shard (LRU); the file keeps every client
+    cache_mb: float = 512.0        # ... and at most this many MiB of them per shard
+    client_ttl_s: float = 2592000.0   # unblocked clients inactive this long are purged (0 = never); blocked: never
+    min_admin_token_chars: int = 32   # a shorter admin token is refused at start-up
 
 
 PaperSetting = Literal["mnist", "celeba"]   # which L_sp row of the filter paper's Table 1
@@ -512,6 +518,11 @@ def _validate_serve(s: "ServeCfg") -> None:
     _check(s.max_ongoing_requests >= 1, "serve.max_ongoing_requests must be >= 1")
     _check(s.admin_token_env.isidentifier(), f"serve.admin_token_env must be an environment variable name, "
            f"got {s.admin_token_env!r}")
+    _check(s.shard_timeout_s > 0 and s.health_interval_s > 0, "serve.shard_timeout_s and serve.health_interval_s "
+           "must be > 0")
+    _check(s.cache_clients >= 1 and s.cache_mb > 0 and s.client_ttl_s >= 0,
+           "serve.cache_clients must be >= 1, serve.cache_mb > 0 and serve.client_ttl_s >= 0")
+    _check(s.min_admin_token_chars >= 16, "serve.min_admin_token_chars must be >= 16")
 
 
 def _validate_filter(cfg: "Config") -> None:

@@ -10,7 +10,7 @@ import sys
 from typing import Optional
 
 from raymia.cli import USER_ERRORS
-from raymia.config import Config
+from raymia.config import Config, ConfigError
 from raymia.runtime import resolve_out_root
 from raymia.serving.http import hash_secret, load_api_keys
 from raymia.serving.plan import config_from_serve_args, filter_params, resolve_plan
@@ -33,6 +33,12 @@ def build_app(cfg: Config, preset: str = "orl", admin_token: Optional[str] = Non
         FilterStateStore(plan.state_path, fp).close()   # creates the file; refuses changed parameters now
         params = dataclasses.asdict(fp)
     token = admin_token if admin_token is not None else os.environ.get(s.admin_token_env)
+    if token is not None and len(token) < s.min_admin_token_chars:
+        raise ConfigError(
+            f"the admin token ({'admin_token' if admin_token is not None else s.admin_token_env}) has {len(token)} "
+            f"characters; use at least {s.min_admin_token_chars}, e.g. "
+            "`export RAYMIA_ADMIN_TOKEN=$(python -c 'import secrets; print(secrets.token_urlsafe(32))')`, "
+            "or unset it to turn the admin endpoints off")
     api_keys = load_api_keys(s.api_keys_file) if s.api_keys_file else None
     deployment = RaymiaModel.options(
         num_replicas=s.replicas, max_ongoing_requests=s.max_ongoing_requests,

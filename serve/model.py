@@ -3,16 +3,23 @@
 
 Routes (JSON answers; every refusal is ``{"error": code, "message": text}``):
   POST /predict                       image -> label and top-k confidences (403 once blocked)
-  GET  /healthz                       liveness, the input the model takes
-  GET  /admin/info                    model, alpha, filter parameters         (admin token)
-  GET  /admin/clients                 blocked client ids                      (admin token)
-  GET  /admin/clients/{id}            one client's filter state               (admin token)
-  POST /admin/clients/{id}/unblock    reset one client's filter state         (admin token)
+  GET  /healthz                       liveness (cached shard health), the input the model takes
+  GET  /admin/info                    model, alpha, filter parameters, replica counters  (admin token)
+  GET  /admin/clients                 clients, paged (?after=&limit=&blocked=)           (admin token)
+  GET  /admin/clients/{id}            one client's filter state                          (admin token)
+  GET  /admin/clients/{id}/why        why it was blocked: matched queries and scores     (admin token)
+  POST /admin/clients/{id}/unblock    reset one client's filter state                    (admin token)
+  POST /admin/clients/{id}/block      block a client by hand (?reason=)                  (admin token)
+  POST /admin/clients/{id}/purge      forget one client's state                          (admin token)
+  POST /admin/purge                   forget unblocked clients inactive for ?inactive_s= (admin token)
+  GET  /admin/events                  the audit trail (?after=&limit=)                   (admin token)
+  GET  /admin/quarantine              corrupt snapshots set aside                        (admin token)
 """
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from typing import Optional
@@ -26,6 +33,9 @@ from raymia.config import config_from_dict
 from raymia.serving.http import (InputSpec, RequestError, check_admin, check_client_id, check_content_length,
                                  identify, parse_predict, prediction, too_large)
 from raymia.serving.plan import ServingPlan, load_serving_model
+from raymia.serving.store import emit_audit
+
+from raymia.serving.store import shard_of
 
 from .state import ShardRouter, ShardUnavailable
 
@@ -42,7 +52,29 @@ log = logging.getLogger("ray.serve")
 # trailing slash, FastAPI's own 404/405 messages), and the routes take raw bodies, so its
 # validation and OpenAPI add nothing. A fair test of latency needs the same A/B on a quiet
 # machine (orl preset, p50 at concurrency 1 and req/s at 8 clients, both routers side by side).
-ROUTES = {"/predict": ("POST",), "/healthz": ("GET",), "/admin/info": ("GET",), "/admin/clients": ("GET",)}
+ROUTES = {"/predict": ("POST",), "/healthz": ("GET",), "/admin/info": ("GET",), "/admin/clients": ("GET",),
+          "/admin/purge": ("POST",), "/admin/events": ("GET",), "/admin/quarantine": ("GET",)}
+CLIENT_ACTIONS = {"unblock": "POST", "block": "POST", "purge": "POST", "why": "GET"}
+
+
+class Metrics:
+    """Ray Serve metrics of one replica (exported with Ray's other metrics, tagged with
+    deployment, replica and application): ``raymia_requests_total{outcome}`` (answered,
+    refused = any other 4xx, blocked = 403 from the filter, blocked_cached = 403 before
+    the model ran, unavailable = 503) and ``raymia_filter_check_seconds``."""
+
+    def __init__(self):
+        from ray.serve.metrics import Counter, Histogram
+        self.requests = Counter("raymia_requests_total", description="POST /predict answers by outcome",
+                                tag_keys=("outcome",))
+        self.check = Histogram("raymia_filter_check_seconds", description="time of one filter check (shard call)",
+                               boundaries=[0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 5.0])
+        self.admin_fail = Counter("raymia_admin_auth_failures_total", description="admin requests refused (401)")
+        self.counts: dict[str, int] = {}
+
+    def outcome(self, name: str) -> None:
+        self.counts[name] = self.counts.get(name, 0) + 1
+        self.requests.inc(1, tags={"outcome": name})
 
 
 @rserve.deployment(name="RaymiaModel")
@@ -62,7 +94,13 @@ class RaymiaModel:
         self.limit = s.max_body_bytes
         self.admin_digest, self.api_keys = admin_digest, api_keys
         self.filter_params = filter_params
-        self.shards = ShardRouter(self.plan.state_path, filter_params, s.shards, s.batch_size) if filter_params else None
+        store_opts = {"cache_clients": s.cache_clients, "cache_bytes": int(s.cache_mb * (1 << 20)),
+                      "client_ttl_s": s.client_ttl_s}
+        self.shards = ShardRouter(self.plan.state_path, filter_params, s.shards, s.batch_size,
+                                  timeout_s=s.shard_timeout_s, health_interval_s=s.health_interval_s,
+                                  store_opts=store_opts) if filter_params else None
+        self.metrics = Metrics()
+        self.forwarded = 0          # images through the model
         self.infer.set_max_batch_size(s.batch_size)
         self.infer.set_batch_wait_timeout_s(s.batch_wait_ms / 1000.0)
         # torch runs on its own thread: the event loop stays free for HTTP and filter calls
@@ -71,6 +109,7 @@ class RaymiaModel:
     # ------------------------------------------------------------------ model
     def forward(self, images: list) -> list:
         import torch
+        self.forwarded += len(images)
         x = torch.from_numpy(np.stack(images)).to(self.device)
         with torch.inference_mode():
             return list(self.model(x).float().cpu().numpy())
@@ -81,14 +120,26 @@ class RaymiaModel:
 
     # ------------------------------------------------------------------ HTTP
     async def __call__(self, request: Request) -> JSONResponse:
+        predict = request.url.path.rstrip("/").endswith("/predict")
         try:
             status, body = await self.route(request)
+            if predict:
+                self.metrics.outcome("answered")
             return JSONResponse(body, status_code=status)
         except RequestError as e:
+            if predict:
+                self.metrics.outcome({"blocked": "blocked", "blocked_cached": "blocked_cached"}.get(
+                    getattr(e, "outcome", e.code), "refused"))
+            if e.status == 401 and e.code in ("missing_admin_token", "bad_admin_token"):
+                self.metrics.admin_fail.inc()
+                emit_audit("admin_auth_failure", reason=e.code, method=request.method, path=request.url.path[:200],
+                           peer=getattr(request.client, "host", None))
             return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
         except ShardUnavailable as e:
-            return JSONResponse({"error": "filter_unavailable", "message": f"{e}; retry shortly"}, status_code=503,
-                                headers={"Retry-After": "1"})
+            if predict:
+                self.metrics.outcome("unavailable")
+            return JSONResponse({"error": "filter_unavailable", "message": f"{e}; the request was not served (the "
+                                 "filter fails closed); retry shortly"}, status_code=503, headers={"Retry-After": "1"})
         except Exception:   # never a traceback to the client
             log.exception("raymia: unexpected error in %s %s", request.method, request.url.path)
             return JSONResponse({"error": "internal", "message": "internal error; the request was not served"},
@@ -105,9 +156,9 @@ class RaymiaModel:
             if len(parts) == 3:
                 self._method(method, ("GET",))
                 return await self.admin_client(request, parts[2])
-            if len(parts) == 4 and parts[3] == "unblock":
-                self._method(method, ("POST",))
-                return await self.admin_unblock(request, parts[2])
+            if len(parts) == 4 and parts[3] in CLIENT_ACTIONS:
+                self._method(method, (CLIENT_ACTIONS[parts[3]],))
+                return await self.admin_action(request, parts[2], parts[3])
         allowed = ROUTES.get(path)
         if allowed is None:
             raise RequestError(404, "not_found", f"no route {path[:100]!r}; see GET /healthz and POST /predict")
@@ -118,8 +169,37 @@ class RaymiaModel:
             return await self.healthz()
         check_admin(request.headers, self.admin_digest, self.cfg.serve.admin_token_env)
         if path == "/admin/info":
-            return 200, self.info()
-        return 200, {"blocked": await self.shards.blocked(1000) if self.shards else []}
+            return 200, await self.info()
+        shards = self._need_filter()
+        q = request.query_params
+        if path == "/admin/clients":
+            blocked = _flag(q.get("blocked")) if "blocked" in q else None
+            await self._flush_quietly()
+            page = await shards.call_shard(0, "list_clients", q.get("after", ""), _int(q.get("limit"), 100, 1, 1000),
+                                           blocked)
+            return 200, {**page, "blocked": await shards.blocked(1000)}
+        if path == "/admin/events":
+            return 200, {"events": await shards.call_shard(0, "events", _int(q.get("after"), 0, 0, 1 << 62),
+                                                           _int(q.get("limit"), 100, 1, 10000))}
+        if path == "/admin/quarantine":
+            return 200, {"quarantined": await shards.call_shard(0, "quarantined", _int(q.get("limit"), 100, 1, 1000))}
+        older = q.get("inactive_s")
+        if older is not None:
+            try:
+                older = float(older)
+                assert older >= 0
+            except (ValueError, AssertionError):
+                raise RequestError(422, "bad_inactive_s", "inactive_s must be a number of seconds >= 0") from None
+        elif not self.cfg.serve.client_ttl_s:
+            raise RequestError(422, "bad_inactive_s", "serve.client_ttl_s is 0 (no TTL): pass ?inactive_s=SECONDS")
+        return 200, {"purged": await shards.call_shard(0, "purge_inactive", older, timeout_s=max(
+            60.0, self.cfg.serve.shard_timeout_s)), "inactive_s": older if older is not None else self.cfg.serve.client_ttl_s}
+
+    async def _flush_quietly(self, shard: Optional[int] = None) -> None:
+        try:
+            await self.shards.flush(shard)
+        except ShardUnavailable:
+            pass
 
     @staticmethod
     def _method(method: str, allowed: tuple) -> None:
@@ -137,8 +217,22 @@ class RaymiaModel:
             chunks.append(chunk)
         return b"".join(chunks)
 
+    @staticmethod
+    def _blocked(client_id: str, cached: bool) -> RequestError:
+        e = RequestError(403, "blocked", f"client {client_id!r} is blocked: its queries were too similar to its own "
+                         "recent queries (similarity filter). Ask the operator to review.")
+        e.outcome = "blocked_cached" if cached else "blocked"
+        return e
+
     async def predict(self, request: Request) -> tuple:
         client_id = identify(request.headers, self.api_keys)
+        if self.shards is not None:
+            self.shards.start()
+            if self.shards.is_blocked(client_id):
+                # blocked for good (until an operator unblocks it): no parsing, no model, no
+                # check; the query is added to its count at the next flush
+                self.shards.refuse(client_id)
+                raise self._blocked(client_id, cached=True)
         body = await self._body(request)
         image, opts = parse_predict(request.headers.get("content-type"), body, self.spec, request.query_params)
         if self.shards is None:
@@ -146,7 +240,8 @@ class RaymiaModel:
         # The filter's check leaves at once and runs while the model's batch forms and
         # runs; the answer is released only after the filter has counted the query and
         # found the client safe.
-        verdict_task = asyncio.ensure_future(self.shards.check(client_id, image, uuid.uuid4().hex))
+        t0 = time.perf_counter()
+        verdict_task = asyncio.ensure_future(self._timed_check(client_id, image, t0))
         try:
             probs = await self.infer(image)
         finally:
@@ -154,10 +249,14 @@ class RaymiaModel:
         if "error" in verdict:
             raise RequestError(422, "bad_image", verdict["error"])
         if not verdict["safe"]:
-            raise RequestError(403, "blocked",
-                               f"client {client_id!r} is blocked: its queries were too similar to its own recent "
-                               "queries (similarity filter). Ask the operator to review.")
+            raise self._blocked(client_id, cached=False)
         return 200, prediction(probs, opts["top_k"], opts["labels_only"])
+
+    async def _timed_check(self, client_id: str, image, t0: float) -> dict:
+        try:
+            return await self.shards.check(client_id, image, uuid.uuid4().hex)
+        finally:
+            self.metrics.check.observe(time.perf_counter() - t0)
 
     async def healthz(self) -> tuple:
         body = {"status": "ok", "input": {"channels": self.spec.channels, "height": self.spec.height,
@@ -165,18 +264,22 @@ class RaymiaModel:
                 "classes": self.spec.n_classes, "top_k": self.spec.max_top_k, "labels_only": self.spec.labels_only,
                 "filter": self.shards is not None}
         if self.shards is not None:
-            try:
-                await asyncio.wait_for(self.shards.ping_all(), timeout=5.0)
-            except (ShardUnavailable, asyncio.TimeoutError):
-                return 503, {**body, "status": "degraded", "message": "a filter shard does not answer"}
+            h = await self.shards.cached_health()
+            body["checked_s_ago"] = round(max(0.0, time.time() - h["at"]), 3)
+            if not h["ok"]:
+                return 503, {**body, "status": "degraded", "message": h["message"] or "a filter shard does not answer"}
         return 200, body
 
-    def info(self) -> dict:
+    async def info(self) -> dict:
+        health = await self.shards.cached_health() if self.shards else None
         return {"plan": self.plan.to_dict(), "filter_params": self.filter_params,
                 "shards": self.shards.names if self.shards else [], "input": list(self.spec.shape),
                 "classes": self.spec.n_classes, "top_k": self.spec.max_top_k, "labels_only": self.spec.labels_only,
                 "batch_size": self.cfg.serve.batch_size, "batch_wait_ms": self.cfg.serve.batch_wait_ms,
-                "api_keys": self.api_keys is not None}
+                "api_keys": self.api_keys is not None,
+                "replica": {"forwarded": self.forwarded, "outcomes": dict(self.metrics.counts),
+                            "blocked_cached_ids": len(self.shards.blocked_ids) if self.shards else 0},
+                "health": health}
 
     def _need_filter(self) -> ShardRouter:
         if self.shards is None:
@@ -186,12 +289,41 @@ class RaymiaModel:
     async def admin_client(self, request: Request, client_id: str) -> tuple:
         check_admin(request.headers, self.admin_digest, self.cfg.serve.admin_token_env)
         client_id = check_client_id(client_id)
-        st = await self._need_filter().call(client_id, "inspect")
+        shards = self._need_filter()
+        await self._flush_quietly(shard_of(client_id, shards.n))
+        st = await shards.call(client_id, "inspect")
         if st is None:
-            raise RequestError(404, "unknown_client", f"client {client_id!r} has sent no query yet")
+            raise RequestError(404, "unknown_client", f"client {client_id!r} has no stored state")
         return 200, st
 
-    async def admin_unblock(self, request: Request, client_id: str) -> tuple:
+    async def admin_action(self, request: Request, client_id: str, action: str) -> tuple:
         check_admin(request.headers, self.admin_digest, self.cfg.serve.admin_token_env)
         client_id = check_client_id(client_id)
-        return 200, {**await self._need_filter().call(client_id, "unblock"), "unblocked": True}
+        shards = self._need_filter()
+        if action == "why":
+            return 200, await shards.call_shard(shard_of(client_id, shards.n), "why", client_id)
+        await self._flush_quietly(shard_of(client_id, shards.n))
+        if action == "unblock":
+            shards.forget(client_id)
+            return 200, {**await shards.call(client_id, "unblock"), "unblocked": True}
+        if action == "purge":
+            shards.forget(client_id)
+            return 200, await shards.call(client_id, "purge")
+        reason = request.query_params.get("reason", "")[:500]
+        out = await shards.call(client_id, "block", reason)
+        shards.note_verdict(client_id, {"safe": False, "blocked": True, "mark": 1 << 62})
+        return 200, out
+
+
+def _int(v: Optional[str], default: int, lo: int, hi: int) -> int:
+    if v is None:
+        return default
+    if not v.strip().isdigit() or not lo <= int(v) <= hi:
+        raise RequestError(422, "bad_parameter", f"expected an integer in {lo}..{hi}, got {v[:40]!r}")
+    return int(v)
+
+
+def _flag(v: Optional[str]) -> bool:
+    if v is not None and v.lower() in ("1", "true", "yes", "0", "false", "no"):
+        return v.lower() in ("1", "true", "yes")
+    raise RequestError(422, "bad_parameter", f"expected true or false, got {str(v)[:40]!r}")

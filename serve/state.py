@@ -5,13 +5,24 @@ Each :class:`FilterShard` actor owns the clients whose id hashes to its shard
 one client are serialised.  The states live in one SQLite file under the run directory
 (:class:`raymia.serving.store.FilterStateStore`): a restarted actor, replica or app reads them
 back, and every write is version-checked, so the file stays the one truth even if two
-actors ever hold the same client.  The actors are detached and named from the state
-file, so every replica (and a redeployed app) finds the same ones."""
+actors ever hold the same client.  The actors are named from the state file and the
+filter parameters, so every replica finds the same ones; they are NOT detached: each
+lives as long as the replica that created it (its owner), so a deleted app or one
+redeployed with other parameters leaves no actor behind, and a replica that finds its
+shard gone (owner replaced, actor killed) creates it again from the file.
+
+The replica side (:class:`ShardRouter`) gives every call a deadline
+(``serve.shard_timeout_s``: past it the request fails closed with 503), keeps the shard
+health that ``/healthz`` answers from (refreshed in the background at most every
+``serve.health_interval_s``), and a local set of blocked client ids: a blocked client is
+refused before the model runs (Algorithm 1 blocks for good; only an operator unblock,
+seen through the store's events within one refresh, takes an id out)."""
 from __future__ import annotations
 
 import asyncio
 import hashlib
 import json
+import time
 from typing import Any, Optional
 
 import ray
@@ -21,12 +32,12 @@ from raymia.serving.store import FilterStateStore, shard_of
 
 NAMESPACE = "raymia-serve"
 ACTOR_ERRORS = (RayActorError, ActorDiedError, ActorUnavailableError)
+CLEARING_EVENTS = ("unblock", "purge", "purge_inactive")
 
 
 def shard_names(state_path: str, params: dict, n_shards: int) -> list[str]:
     """Actor names of a state file's shards; the filter parameters are part of the name, so
-    actors left running with other parameters (detached actors outlive the app) are never
-    reused."""
+    actors left running with other parameters are never reused."""
     key = json.dumps({"state": state_path, "params": params}, sort_keys=True)
     tag = hashlib.sha256(key.encode()).hexdigest()[:12]
     return [f"filter-{tag}-{i}of{n_shards}" for i in range(n_shards)]
@@ -36,10 +47,20 @@ def shard_names(state_path: str, params: dict, n_shards: int) -> list[str]:
 class FilterShard:
     """One shard of the per-client filter states (a plain actor: one call at a time)."""
 
-    def __init__(self, state_path: str, params: dict, shard: int, n_shards: int):
+    def __init__(self, state_path: str, params: dict, shard: int, n_shards: int, store_opts: Optional[dict] = None):
+        import logging
+        import sys
         from raymia.defenses.filter import FilterParams
+        audit = logging.getLogger("raymia.audit")
+        if not audit.handlers:                 # one JSON line per event in this actor's log
+            h = logging.StreamHandler(sys.stderr)
+            h.setFormatter(logging.Formatter("%(message)s"))
+            audit.addHandler(h)
+            audit.setLevel(logging.INFO)
+            audit.propagate = False
         self.shard, self.n_shards = shard, n_shards
-        self.store = FilterStateStore(state_path, FilterParams(**params))
+        self.store = FilterStateStore(state_path, FilterParams(**params), **(store_opts or {}))
+        self.pings = 0
 
     def _mine(self, client_id: str) -> None:
         if shard_of(client_id, self.n_shards) != self.shard:
@@ -60,43 +81,185 @@ class FilterShard:
         self._mine(client_id)
         return self.store.reset(client_id)
 
-    def blocked(self, limit: int) -> list:
-        return [c for c in self.store.blocked_clients(limit) if shard_of(c, self.n_shards) == self.shard]
+    def block(self, client_id: str, reason: str = "") -> dict:
+        self._mine(client_id)
+        return self.store.block(client_id, reason)
 
-    def ping(self) -> dict:
+    def purge(self, client_id: str) -> dict:
+        self._mine(client_id)
+        return self.store.purge(client_id)
+
+    def why(self, client_id: str) -> dict:
+        return self.store.why(client_id)
+
+    def add_queries(self, counts: dict) -> int:
+        for cid in counts:
+            self._mine(cid)
+        return self.store.add_queries(counts)
+
+    # the file is shared: any shard answers for all clients
+    def purge_inactive(self, older_than_s: Optional[float]) -> int:
+        return self.store.purge_inactive(older_than_s)
+
+    def list_clients(self, after: str, limit: int, blocked: Optional[bool]) -> dict:
+        return self.store.list_clients(after, limit, blocked)
+
+    def blocked(self, limit: int) -> list:
+        return self.store.blocked_clients(limit)
+
+    def events(self, after: int, limit: int) -> list:
+        return self.store.events(after, limit)
+
+    def quarantined(self, limit: int) -> list:
+        return self.store.quarantined(limit)
+
+    def ping(self, since: Optional[int] = None) -> dict:
+        """Health; with ``since``, also the ids an unblock or purge cleared after event
+        ``since`` (``cleared``: {client_id: event id}) and the last event id."""
         import os
-        return {"shard": self.shard, "pid": os.getpid(), "cached_clients": len(self.store.cache)}
+        self.pings += 1
+        out = {"shard": self.shard, "pid": os.getpid(), "pings": self.pings, "cache": self.store.cache_info()}
+        if since is not None:
+            last = self.store.last_event()
+            out["last_event"] = last
+            if since >= 0:
+                evs = self.store.events(since, 10000, CLEARING_EVENTS)
+                out["cleared"] = {e["client_id"]: e["id"] for e in evs if e["client_id"]}
+                out["purged_all"] = any(e["client_id"] is None for e in evs)
+                if evs:
+                    out["last_event"] = max(last, evs[-1]["id"])
+        return out
+
+
+class ShardUnavailable(RuntimeError):
+    pass
 
 
 class ShardRouter:
     """Replica-side handles to the shard actors; re-resolves a shard whose actor died
     (a killed actor is re-created from its name and reloads the state file)."""
 
-    def __init__(self, state_path: str, params: dict, n_shards: int, max_batch: int = 32, retries: int = 5):
+    def __init__(self, state_path: str, params: dict, n_shards: int, max_batch: int = 32, retries: int = 5,
+                 timeout_s: float = 10.0, health_interval_s: float = 2.0, store_opts: Optional[dict] = None,
+                 resolve: bool = True):
         self.state_path, self.params, self.n = state_path, params, n_shards
         self.names = shard_names(state_path, params, n_shards)
-        self.max_batch, self.retries = max_batch, retries
+        self.max_batch, self.retries, self.timeout_s = max_batch, retries, float(timeout_s)
+        self.health_interval_s, self.store_opts = float(health_interval_s), store_opts or {}
         self.pending: list = [[] for _ in range(n_shards)]
         self.busy = [False] * n_shards
-        self.handles = [self._resolve(i) for i in range(n_shards)]
+        self.handles = [self._resolve(i) for i in range(n_shards)] if resolve else [None] * n_shards
+        self.blocked_ids: dict[str, int] = {}        # client id -> event mark of its blocked verdict
+        self.cleared: dict[str, int] = {}            # client id -> event id of an unblock/purge seen
+        self.refused: list[dict] = [{} for _ in range(n_shards)]   # blocked ids' uncounted queries
+        self.last_event: Optional[int] = None
+        self.health: Optional[dict] = None           # {"ok", "at", "message", "shards"}
+        self._refresher: Optional[asyncio.Task] = None
 
     def _resolve(self, i: int):
-        return FilterShard.options(name=self.names[i], namespace=NAMESPACE, get_if_exists=True,
-                                   lifetime="detached").remote(self.state_path, self.params, i, self.n)
+        return FilterShard.options(name=self.names[i], namespace=NAMESPACE, get_if_exists=True).remote(
+            self.state_path, self.params, i, self.n, self.store_opts)
 
-    async def call_shard(self, i: int, method: str, *args) -> Any:
+    async def call_shard(self, i: int, method: str, *args, timeout_s: Optional[float] = None) -> Any:
+        """One call with a deadline (retries on a dead actor included); past it, or after
+        the retries, :class:`ShardUnavailable` (the request fails closed: 503)."""
+        limit = self.timeout_s if timeout_s is None else timeout_s
+        deadline = time.monotonic() + limit
         last: Optional[BaseException] = None
         for attempt in range(self.retries):
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
             try:
-                return await getattr(self.handles[i], method).remote(*args)
+                return await asyncio.wait_for(getattr(self.handles[i], method).remote(*args), timeout=left)
+            except asyncio.TimeoutError:
+                raise ShardUnavailable(f"filter shard {i} did not answer within {limit:g} s") from None
             except ACTOR_ERRORS as e:       # died for good (or is restarting): find or re-create it
                 last = e
-                await asyncio.sleep(0.05 * 2 ** attempt)
+                await asyncio.sleep(min(0.05 * 2 ** attempt, max(0.0, deadline - time.monotonic())))
                 self.handles[i] = self._resolve(i)
-        raise ShardUnavailable(f"filter shard {i} is unavailable ({type(last).__name__})")
+        raise ShardUnavailable(f"filter shard {i} is unavailable ({type(last).__name__ if last else 'deadline'})")
 
     async def call(self, client_id: str, method: str, *args) -> Any:
         return await self.call_shard(shard_of(client_id, self.n), method, client_id, *args)
+
+    # -- the replica's blocked set
+    def is_blocked(self, client_id: str) -> bool:
+        return client_id in self.blocked_ids
+
+    def note_verdict(self, client_id: str, verdict: dict) -> None:
+        if verdict.get("blocked") and not verdict.get("safe"):
+            mark = int(verdict.get("mark", 0))
+            if self.cleared.get(client_id, -1) <= mark:     # not unblocked after this verdict
+                self.blocked_ids[client_id] = mark
+
+    def refuse(self, client_id: str) -> None:
+        """A query of a blocked id refused here: counted in its n_queries at the next flush."""
+        d = self.refused[shard_of(client_id, self.n)]
+        d[client_id] = d.get(client_id, 0) + 1
+
+    def forget(self, client_id: str, event_id: Optional[int] = None) -> None:
+        self.blocked_ids.pop(client_id, None)
+        self.refused[shard_of(client_id, self.n)].pop(client_id, None)
+        if event_id is not None:
+            self.cleared[client_id] = max(event_id, self.cleared.get(client_id, -1))
+
+    async def flush(self, shard: Optional[int] = None) -> None:
+        for i in ([shard] if shard is not None else range(self.n)):
+            counts, self.refused[i] = self.refused[i], {}
+            if counts:
+                try:
+                    await self.call_shard(i, "add_queries", counts)
+                except ShardUnavailable:
+                    for c, n in counts.items():      # keep them for the next flush
+                        self.refused[i][c] = self.refused[i].get(c, 0) + n
+                    raise
+
+    # -- health, refreshed in the background
+    async def refresh(self) -> dict:
+        t0 = time.time()
+        since = -1 if self.last_event is None else self.last_event
+        res = await asyncio.gather(*(self.call_shard(i, "ping", since if i == 0 else None,
+                                                     timeout_s=min(self.timeout_s, 5.0)) for i in range(self.n)),
+                                   return_exceptions=True)
+        bad = [i for i, r in enumerate(res) if isinstance(r, BaseException)]
+        if not isinstance(res[0], BaseException):
+            r0 = res[0]
+            for cid, eid in (r0.get("cleared") or {}).items():
+                self.forget(cid, eid)
+            if r0.get("purged_all"):
+                pass        # an inactive purge never touches blocked clients: nothing to clear
+            self.last_event = r0.get("last_event", self.last_event)
+        try:
+            await self.flush()
+        except ShardUnavailable:
+            pass
+        self.health = {"ok": not bad, "at": time.time(), "took_s": round(time.time() - t0, 4),
+                       "message": f"filter shard(s) {bad} do not answer" if bad else "",
+                       "shards": [None if isinstance(r, BaseException) else {k: r[k] for k in ("shard", "pid", "cache")}
+                                  for r in res]}
+        return self.health
+
+    def start(self) -> None:
+        if self._refresher is None or self._refresher.done():
+            self._refresher = asyncio.ensure_future(self._loop())
+
+    async def _loop(self) -> None:
+        while True:
+            try:
+                await self.refresh()
+            except Exception:          # never let the loop die
+                pass
+            await asyncio.sleep(self.health_interval_s)
+
+    async def cached_health(self) -> dict:
+        """The last refresh's health; one refresh now when there is none yet or it is stale
+        (the loop stuck for longer than a deadline plus two intervals)."""
+        self.start()
+        stale = self.timeout_s + 2 * self.health_interval_s
+        if self.health is None or time.time() - self.health["at"] > stale:
+            return await self.refresh()
+        return self.health
 
     async def check(self, client_id: str, image, request_id: str) -> dict:
         """The filter's verdict for one query.  Checks are batched per shard without a
@@ -110,7 +273,9 @@ class ShardRouter:
         if not self.busy[i]:
             self.busy[i] = True
             asyncio.ensure_future(self._drain(i))
-        return await fut
+        verdict = await fut
+        self.note_verdict(client_id, verdict)
+        return verdict
 
     async def _drain(self, i: int) -> None:
         try:
@@ -133,9 +298,4 @@ class ShardRouter:
         return await asyncio.gather(*(self.call_shard(i, "ping") for i in range(self.n)))
 
     async def blocked(self, limit: int) -> list:
-        parts = await asyncio.gather(*(self.call_shard(i, "blocked", limit) for i in range(self.n)))
-        return sorted(c for p in parts for c in p)[:limit]
-
-
-class ShardUnavailable(RuntimeError):
-    pass
+        return sorted(await self.call_shard(0, "blocked", limit))[:limit]

@@ -123,7 +123,7 @@ def serve_app(ray_session, serve_artifacts, tmp_path_factory):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     rserve.start(http_options={"host": "127.0.0.1", "port": port})
-    live = LiveServe(cfg, port, admin_token="test-admin-token").deploy()
+    live = LiveServe(cfg, port, admin_token="test-admin-token-" + "x" * 24).deploy()   # >= 32 characters
     yield live
     rserve.shutdown()
     for _, h in live.shard_actors():

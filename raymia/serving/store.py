@@ -1,16 +1,21 @@
 """The similarity filter's per-client state in one SQLite file (WAL): a snapshot plus an
 append-only query log per client, written in one transaction per batch of checks before
 the verdicts are returned; any number of processes can hold the store and the file stays
-the single source of truth; request ids make a retried check count once."""
+the single source of truth; request ids make a retried check count once.  Operator
+side: a bounded (LRU) in-memory cache, TTL purge of inactive unblocked clients, durable
+(fsync'd) blocks, quarantine of corrupt snapshots, the evidence of every match and an
+audit trail (``events`` table plus one JSON log line per event on ``raymia.audit``)."""
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
+import logging
+import os
 import sqlite3
 import threading
 import time
 import zlib
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -40,6 +45,41 @@ def _unpack_image(blob: bytes, u8: int, shape: tuple) -> np.ndarray:
     return np.frombuffer(blob, dtype="<f4").reshape(shape).astype(np.float32)
 
 
+audit_log = logging.getLogger("raymia.audit")
+
+
+def audit_line(kind: str, **fields) -> str:
+    """One audit record as a JSON line (``{"audit": kind, "at": ..., ...}``)."""
+    return json.dumps({"audit": kind, "at": round(time.time(), 6), **fields}, sort_keys=True, default=str)
+
+
+def emit_audit(kind: str, **fields) -> str:
+    line = audit_line(kind, **fields)
+    audit_log.warning(line)
+    return line
+
+
+def state_nbytes(st) -> int:
+    """Memory of one cached client state (its ring of N_B images and their SSIM statistics)."""
+    ring = getattr(st, "_ring", None)
+    if ring is None:
+        return 512
+    sk = ring.stack
+    return 512 + sum(int(a.nbytes) for a in (sk.img, sk.m1, sk.m1sq, sk.v48, ring.hashes))
+
+
+def _secure_file(path: Path) -> None:
+    """The state file (and SQLite's -wal/-shm, which take its mode) readable by its owner only."""
+    if not path.exists():
+        os.close(os.open(str(path), os.O_CREAT | os.O_RDWR, 0o600))
+    for f in (path, Path(str(path) + "-wal"), Path(str(path) + "-shm")):
+        try:
+            if f.stat().st_mode & 0o077:
+                os.chmod(f, 0o600)
+        except FileNotFoundError:
+            pass
+
+
 class StateConflict(RuntimeError):
     """A client's stored state changed under us (another holder of the store wrote it)."""
 
@@ -50,6 +90,7 @@ class _Entry:
     state: Any
     seq: int          # queries logged for this client so far
     snap_seq: int     # seq covered by the stored snapshot
+    nbytes: int = 0   # state_nbytes(state), for the cache bound
 
 
 class FilterStateStore:
@@ -75,15 +116,25 @@ class FilterStateStore:
     refused (its buffers and counters were built under the old ones).
     """
 
-    def __init__(self, path, params, request_ttl_s: float = 600.0, snapshot_every: Optional[int] = None):
+    def __init__(self, path, params, request_ttl_s: float = 600.0, snapshot_every: Optional[int] = None,
+                 cache_clients: int = 5000, cache_bytes: int = 512 << 20, client_ttl_s: float = 0.0):
         from ..defenses.filter import ClientFilterState, FilterInputError
         self.path, self.params, self.ttl = Path(path), params, float(request_ttl_s)
         self._input_error = FilterInputError
         self.snapshot_every = int(snapshot_every or 2 * params.n_b)
         self._cls = ClientFilterState
+        self.cache_clients, self.cache_bytes = int(cache_clients), int(cache_bytes)
+        self.client_ttl_s = float(client_ttl_s)
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        _secure_file(self.path)
         self.db = sqlite3.connect(str(self.path), timeout=30.0, isolation_level=None, check_same_thread=False)
+        # 8 KiB pages (new files only): a logged query (1 KiB as 8-bit, 4 KiB as float32 at 32x32)
+        # fits in its leaf page instead of taking an overflow page of its own
+        self.db.execute("PRAGMA page_size=8192")
         self.db.execute("PRAGMA journal_mode=WAL")
+        # NORMAL: an ordinary commit is not fsync'd (a power loss may undo the counting of the
+        # last queries); a commit that blocks a client is followed by an fsync of the WAL
+        # (_sync) before its verdict leaves, so a block is never lost.
         self.db.execute("PRAGMA synchronous=NORMAL")
         self.db.executescript(
             "CREATE TABLE IF NOT EXISTS clients (client_id TEXT PRIMARY KEY, version INTEGER NOT NULL, "
@@ -91,17 +142,32 @@ class FilterStateStore:
             "snap_seq INTEGER NOT NULL, snapshot BLOB NOT NULL, updated REAL NOT NULL);"
             "CREATE TABLE IF NOT EXISTS log (client_id TEXT NOT NULL, seq INTEGER NOT NULL, c INTEGER NOT NULL, "
             "h INTEGER NOT NULL, w INTEGER NOT NULL, u8 INTEGER NOT NULL, image BLOB NOT NULL, "
-            "PRIMARY KEY (client_id, seq)) WITHOUT ROWID;"
+            "PRIMARY KEY (client_id, seq));"
             "CREATE TABLE IF NOT EXISTS requests (request_id TEXT PRIMARY KEY, verdict TEXT NOT NULL, "
             "created REAL NOT NULL);"
-            "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);")
-        self._check_params()
-        self.cache: dict[str, _Entry] = {}
+            "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);"
+            "CREATE INDEX IF NOT EXISTS clients_activity ON clients (blocked, updated);"
+            "CREATE TABLE IF NOT EXISTS events (id INTEGER PRIMARY KEY AUTOINCREMENT, at REAL NOT NULL, "
+            "kind TEXT NOT NULL, client_id TEXT, detail TEXT NOT NULL);"
+            "CREATE INDEX IF NOT EXISTS events_client ON events (client_id, id);"
+            "CREATE TABLE IF NOT EXISTS evidence (id INTEGER PRIMARY KEY AUTOINCREMENT, client_id TEXT NOT NULL, "
+            "at REAL NOT NULL, detail TEXT NOT NULL);"
+            "CREATE INDEX IF NOT EXISTS evidence_client ON evidence (client_id, id);"
+            "CREATE TABLE IF NOT EXISTS quarantine (id INTEGER PRIMARY KEY AUTOINCREMENT, client_id TEXT NOT NULL, "
+            "at REAL NOT NULL, error TEXT NOT NULL, row TEXT NOT NULL, snapshot BLOB);")
+        _secure_file(self.path)
+        self.cache: "OrderedDict[str, _Entry]" = OrderedDict()
+        self.cache_used = 0                 # bytes of the cached states (state_nbytes)
         self.lock = threading.Lock()
         self.writes, self._next_prune = 0, 256
+        self._pending_audit: list = []
+        self._durable = False
+        self._empty_blob = self._cls(self.params).to_bytes()
+        self.stats = {"evicted": 0, "fsyncs": 0, "fsync_s": 0.0, "quarantined": 0, "purged": 0}
+        self._check_params()
 
     def _check_params(self) -> None:
-        mine = json.dumps(dataclasses.asdict(self.params), sort_keys=True)
+        mine = json.dumps(self.params.to_dict(), sort_keys=True)     # ssim_window only when not the default
         with self._tx():
             row = self.db.execute("SELECT value FROM meta WHERE key='filter_params'").fetchone()
             if row is None:
@@ -114,35 +180,124 @@ class FilterStateStore:
 
     @contextlib.contextmanager
     def _tx(self):
+        """One IMMEDIATE transaction (or, inside one already, part of it); audit lines
+        and the durability fsync happen after the outermost commit, never for a rollback."""
+        if self.db.in_transaction:
+            yield
+            return
         self.db.execute("BEGIN IMMEDIATE")
         try:
             yield
         except BaseException:
             self.db.execute("ROLLBACK")
+            self._pending_audit.clear()
+            self._durable = False
             raise
         self.db.execute("COMMIT")
+        if self._durable:
+            self._durable = False
+            self._sync()
+        lines, self._pending_audit = self._pending_audit, []
+        for line in lines:
+            audit_log.warning(line)
+
+    def _sync(self) -> None:
+        """fsync the WAL (the commit just written) so that the transition survives a power loss."""
+        t0 = time.perf_counter()
+        try:
+            fd = os.open(str(self.path) + "-wal", os.O_RDONLY)
+        except FileNotFoundError:
+            fd = os.open(str(self.path), os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        self.stats["fsyncs"] += 1
+        self.stats["fsync_s"] += time.perf_counter() - t0
+
+    def _audit(self, kind: str, client_id: Optional[str], now: float, **detail) -> None:
+        """An audit event (inside the current transaction): a row in ``events`` and, once
+        committed, one JSON line on the ``raymia.audit`` logger."""
+        self.db.execute("INSERT INTO events (at, kind, client_id, detail) VALUES (?, ?, ?, ?)",
+                        (now, kind, client_id, json.dumps(detail, sort_keys=True, default=str)))
+        self._pending_audit.append(audit_line(kind, client_id=client_id, **detail))
+
+    # -- the bounded cache
+    def _put(self, client_id: str, e: _Entry) -> None:
+        old = self.cache.pop(client_id, None)
+        if old is not None:
+            self.cache_used -= old.nbytes
+        e.nbytes = state_nbytes(e.state)
+        self.cache[client_id] = e
+        self.cache_used += e.nbytes
+        while len(self.cache) > 1 and (len(self.cache) > self.cache_clients or self.cache_used > self.cache_bytes):
+            _, ev = self.cache.popitem(last=False)      # least recently used; the file keeps it (blocks too)
+            self.cache_used -= ev.nbytes
+            self.stats["evicted"] += 1
+
+    def _drop(self, client_id: str) -> None:
+        old = self.cache.pop(client_id, None)
+        if old is not None:
+            self.cache_used -= old.nbytes
+
+    def cache_info(self) -> dict:
+        return {"entries": len(self.cache), "bytes": int(self.cache_used), "max_entries": self.cache_clients,
+                "max_bytes": self.cache_bytes, **self.stats}
 
     # -- reading
     def _load(self, client_id: str) -> _Entry:
         row = self.db.execute("SELECT version FROM clients WHERE client_id=?", (client_id,)).fetchone()
         hit = self.cache.get(client_id)
         if hit is not None and hit.version == (row[0] if row else 0):
+            self.cache.move_to_end(client_id)
             return hit
         if row is None:
             e = _Entry(0, self._cls(self.params), 0, 0)
         else:
-            version, count, nq, seq, snap_seq, blob = self.db.execute(
-                "SELECT version, count, n_queries, seq, snap_seq, snapshot FROM clients WHERE client_id=?",
-                (client_id,)).fetchone()
-            st = self._cls.from_bytes(bytes(blob))
-            for c, h, w, u8, img in self.db.execute("SELECT c, h, w, u8, image FROM log WHERE client_id=? AND "
-                                                    "seq>? ORDER BY seq", (client_id, snap_seq)):
-                if not st.blocked:
-                    st.check(_unpack_image(img, u8, (c, h, w)))
-            st.count, st.n_queries = int(count), int(nq)     # the stored counters are the truth
-            e = _Entry(int(version), st, int(seq), int(snap_seq))
-        self.cache[client_id] = e
+            full = self.db.execute("SELECT version, blocked, count, n_queries, seq, snap_seq, snapshot, updated "
+                                   "FROM clients WHERE client_id=?", (client_id,)).fetchone()
+            version, blocked, count, nq, seq, snap_seq, blob, _ = full
+            try:
+                st = self._cls.from_bytes(bytes(blob))
+                for c, h, w, u8, img in self.db.execute("SELECT c, h, w, u8, image FROM log WHERE client_id=? AND "
+                                                        "seq>? ORDER BY seq", (client_id, snap_seq)):
+                    if not st.blocked:
+                        st.check(_unpack_image(img, u8, (c, h, w)))
+                st.count, st.n_queries = int(count), int(nq)     # the stored counters are the truth
+                e = _Entry(int(version), st, int(seq), int(snap_seq))
+            except Exception as err:      # a corrupt snapshot or log: set it aside, start clean
+                e = self._quarantine(client_id, full, err)
+        self._put(client_id, e)
         return e
+
+    def _quarantine(self, client_id: str, full: tuple, err: Exception) -> _Entry:
+        """Keep a client's unreadable snapshot aside (table ``quarantine``, with its counters)
+        and give the client a clean state: empty buffer and counter 0, or still blocked
+        when it was (corruption never undoes a block)."""
+        version, blocked, count, nq, seq, snap_seq, blob, updated = full
+        st = self._cls(self.params)
+        st.n_queries = int(nq)
+        if blocked:
+            st.count = int(self.params.l_sp)
+        now = time.time()
+        msg = f"{type(err).__name__}: {err}"[:500]
+        with self._tx():
+            n_log = self.db.execute("SELECT count(*) FROM log WHERE client_id=?", (client_id,)).fetchone()[0]
+            row = {"version": version, "blocked": blocked, "count": count, "n_queries": nq, "seq": seq,
+                   "snap_seq": snap_seq, "updated": updated, "log_rows": n_log}
+            self.db.execute("INSERT INTO quarantine (client_id, at, error, row, snapshot) VALUES (?, ?, ?, ?, ?)",
+                            (client_id, now, msg, json.dumps(row), blob))
+            self.db.execute("DELETE FROM log WHERE client_id=?", (client_id,))
+            cur = self.db.execute("UPDATE clients SET version=version+1, count=?, seq=?, snap_seq=?, snapshot=?, "
+                                  "updated=? WHERE client_id=? AND version=?",
+                                  (int(st.count), int(seq), int(seq), sqlite3.Binary(st.to_bytes()), now, client_id,
+                                   version))
+            if cur.rowcount != 1:
+                raise StateConflict(f"client {client_id!r}: stored version changed during quarantine")
+            self._audit("quarantine", client_id, now, error=msg, blocked=bool(blocked), n_queries=int(nq))
+            self._durable = self._durable or bool(blocked)
+        self.stats["quarantined"] += 1
+        return _Entry(int(version) + 1, st, int(seq), int(seq))
 
     @staticmethod
     def describe(st) -> dict:
@@ -154,8 +309,11 @@ class FilterStateStore:
             if row is None:
                 return None
             e = self._load(client_id)
+            row = self.db.execute("SELECT version, updated FROM clients WHERE client_id=?", (client_id,)).fetchone()
+            nq = self.db.execute("SELECT count(*) FROM quarantine WHERE client_id=?", (client_id,)).fetchone()[0]
             return {"client_id": client_id, **self.describe(e.state), "version": row[0], "updated": row[1],
-                    "buffered": len(e.state), "limit": int(self.params.l_sp), "buffer_size": int(self.params.n_b)}
+                    "buffered": len(e.state), "limit": int(self.params.l_sp), "buffer_size": int(self.params.n_b),
+                    **({"quarantined": int(nq)} if nq else {})}
 
     def blocked_clients(self, limit: int = 1000) -> list[str]:
         with self.lock:
@@ -163,18 +321,81 @@ class FilterStateStore:
                                    (int(limit),)).fetchall()
         return [r[0] for r in rows]
 
+    def list_clients(self, after: str = "", limit: int = 100, blocked: Optional[bool] = None) -> dict:
+        """One page of clients ordered by id (keyset paging: pass ``next`` as ``after``)."""
+        limit = max(1, min(int(limit), 1000))
+        where, args = "client_id > ?", [after or ""]
+        if blocked is not None:
+            where += " AND blocked = ?"
+            args.append(int(bool(blocked)))
+        with self.lock:
+            rows = self.db.execute(f"SELECT client_id, blocked, count, n_queries, updated FROM clients WHERE {where} "
+                                   "ORDER BY client_id LIMIT ?", (*args, limit + 1)).fetchall()
+        page = [{"client_id": r[0], "blocked": bool(r[1]), "count": int(r[2]), "n_queries": int(r[3]),
+                 "updated": r[4]} for r in rows[:limit]]
+        return {"clients": page, "next": page[-1]["client_id"] if len(rows) > limit else None}
+
+    def why(self, client_id: str, limit: int = 200) -> dict:
+        """Why a client was blocked: the evidence of every query that raised its counter
+        (which buffered earlier queries it matched, with their SSIM and hash differences)
+        and its block / unblock / purge / quarantine events; kept after unblock and purge."""
+        with self.lock:
+            ev = self.db.execute("SELECT id, at, detail FROM evidence WHERE client_id=? ORDER BY id DESC LIMIT ?",
+                                 (client_id, int(limit))).fetchall()
+            evs = self.db.execute("SELECT id, at, kind, detail FROM events WHERE client_id=? ORDER BY id DESC "
+                                  "LIMIT ?", (client_id, int(limit))).fetchall()
+        return {"client_id": client_id,
+                "evidence": [{"id": i, "at": at, **json.loads(d)} for i, at, d in reversed(ev)],
+                "events": [{"id": i, "at": at, "kind": k, **json.loads(d)} for i, at, k, d in reversed(evs)],
+                "thresholds": {"t_ssim": float(self.params.t_ssim), "t_hash": float(self.params.t_hash),
+                               "l_sp": int(self.params.l_sp)}}
+
+    def events(self, after: int = 0, limit: int = 100, kinds: Optional[Sequence[str]] = None) -> list:
+        where, args = "id > ?", [int(after)]
+        if kinds:
+            where += f" AND kind IN ({','.join('?' * len(kinds))})"
+            args += list(kinds)
+        with self.lock:
+            rows = self.db.execute(f"SELECT id, at, kind, client_id, detail FROM events WHERE {where} ORDER BY id "
+                                   "LIMIT ?", (*args, max(1, min(int(limit), 10000)))).fetchall()
+        return [{"id": i, "at": at, "kind": k, "client_id": c, **json.loads(d)} for i, at, k, c, d in rows]
+
+    def last_event(self) -> int:
+        with self.lock:
+            return int(self.db.execute("SELECT coalesce(max(id), 0) FROM events").fetchone()[0])
+
+    def quarantined(self, limit: int = 100) -> list:
+        with self.lock:
+            rows = self.db.execute("SELECT id, client_id, at, error, row, length(snapshot) FROM quarantine "
+                                   "ORDER BY id DESC LIMIT ?", (int(limit),)).fetchall()
+        return [{"id": i, "client_id": c, "at": at, "error": err, "row": json.loads(r), "snapshot_bytes": n}
+                for i, c, at, err, r, n in rows]
+
+    def footprint(self, checkpoint: bool = False) -> dict:
+        """Bytes on disk (file + WAL; after a WAL checkpoint when asked) and clients stored."""
+        if checkpoint:
+            with self.lock:
+                self.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        n = self.db.execute("SELECT count(*) FROM clients").fetchone()[0]
+        size = sum(os.path.getsize(f) for f in (str(self.path), str(self.path) + "-wal") if os.path.exists(f))
+        return {"clients": int(n), "bytes": int(size)}
+
     # -- writing: always inside one IMMEDIATE transaction, so nobody else writes meanwhile
     def _store(self, client_id: str, e: _Entry, st, image: Optional[np.ndarray], snapshot: bool,
                request_id: Optional[str], verdict: dict, now: float) -> _Entry:
         """Store the state after one change: the logged query (``image``; None when only
-        the counters changed) or a new snapshot.  Returns the new cache entry."""
-        snapshot = snapshot or e.version == 0       # a new client starts with a snapshot
+        the counters changed) or a new snapshot.  Returns the new cache entry.  A new
+        client's row starts with the empty state's snapshot (~0.3 KB) plus its first query
+        in the log (one image), not with a snapshot of a full buffer."""
+        new = e.version == 0
+        snapshot = snapshot or (new and image is None)
         seq = e.seq + (1 if image is not None or snapshot else 0)
         snap_seq = seq if snapshot else e.snap_seq
         counters = (int(st.blocked), int(st.count), int(st.n_queries), seq, snap_seq)
-        if e.version == 0:
+        if new:
+            blob = st.to_bytes() if snapshot else self._empty_blob
             cur = self.db.execute("INSERT INTO clients VALUES (?, 1, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
-                                  (client_id, *counters, sqlite3.Binary(st.to_bytes()), now))
+                                  (client_id, *counters, sqlite3.Binary(blob), now))
         elif snapshot:
             cur = self.db.execute("UPDATE clients SET version=version+1, blocked=?, count=?, n_queries=?, seq=?, "
                                   "snap_seq=?, snapshot=?, updated=? WHERE client_id=? AND version=?",
@@ -195,6 +416,40 @@ class FilterStateStore:
         self.writes += 1
         return _Entry(e.version + 1, st, seq, snap_seq)
 
+    def _near(self, st, image) -> Optional[tuple]:
+        """Before a check: the buffered images whose hash is within T_hash of the query's
+        (the only ones Algorithm 2 compares by SSIM), as (buffer positions oldest first,
+        SSIMs, hash differences, buffer length); None when there are none."""
+        from ..defenses.filter.hashing import mean_hash
+        ring = getattr(st, "_ring", None)
+        if ring is None or not ring.size or st.blocked:
+            return None
+        try:
+            q = np.asarray(image, dtype=np.float32).reshape(ring.shape)
+            if not np.isfinite(q).all():
+                return None
+            slots = ring.order()
+            diffs = np.abs(ring.hashes[slots] - mean_hash(q, self.params.hash_size))
+            pos = np.flatnonzero(diffs < self.params.t_hash)
+            if not pos.size:
+                return None
+            return pos, ring.ssim(q, slots[pos]), diffs[pos], int(ring.size)
+        except (ValueError, TypeError):
+            return None
+
+    def _evidence(self, client_id: str, st, r, near: Optional[tuple], now: float, **extra) -> None:
+        compared = []
+        if near is not None:
+            pos, ssim, diffs, size = near
+            first = st.n_queries - 1 - size + 1          # query number of the oldest buffered image
+            compared = [{"query": int(first + p), "buffer_pos": int(p), "ssim": round(float(s), 6),
+                         "hash_diff": float(d), "matched": bool(s > self.params.t_ssim)}
+                        for p, s, d in zip(pos, ssim, diffs)]
+        detail = {"query": int(st.n_queries), "matches": int(r.matches), "count": int(r.count),
+                  "blocked": bool(r.blocked), "compared": compared, **extra}
+        self.db.execute("INSERT INTO evidence (client_id, at, detail) VALUES (?, ?, ?)",
+                        (client_id, now, json.dumps(detail, sort_keys=True)))
+
     def _check_one(self, client_id: str, image, request_id: Optional[str], now: float) -> dict:
         if request_id is not None:
             row = self.db.execute("SELECT verdict FROM requests WHERE request_id=?", (request_id,)).fetchone()
@@ -202,12 +457,18 @@ class FilterStateStore:
                 return {**json.loads(row[0]), "replayed": True}
         e = self._load(client_id)
         st, was_blocked = e.state, e.state.blocked
+        near = self._near(st, image)
         r = st.check(image)            # FilterInputError: refused, state unchanged
         verdict = {"safe": bool(r.safe), "blocked": bool(r.blocked), "count": int(r.count),
                    "matches": int(r.matches), "n_queries": int(st.n_queries)}
         logged = None if was_blocked else np.asarray(image, dtype=np.float32).reshape(st.shape)
         snapshot = logged is not None and e.seq + 1 - e.snap_seq >= self.snapshot_every
-        self.cache[client_id] = self._store(client_id, e, st, logged, snapshot, request_id, verdict, now)
+        self._put(client_id, self._store(client_id, e, st, logged, snapshot, request_id, verdict, now))
+        if r.matches:
+            self._evidence(client_id, st, r, near, now)
+        if r.blocked and not was_blocked:                # the transition: audited and fsync'd before the 403
+            self._audit("block", client_id, now, count=int(r.count), n_queries=int(st.n_queries), by="filter")
+            self._durable = True
         return {**verdict, "replayed": False}
 
     def _batch(self, fn, items) -> list:
@@ -222,11 +483,13 @@ class FilterStateStore:
                         out.append(fn(item, now))
             except BaseException:
                 for c in touched:
-                    self.cache.pop(c, None)        # the stored state is the truth
+                    self._drop(c)              # the stored state is the truth
                 raise
             if self.writes >= self._next_prune:
                 self._next_prune = self.writes + 256
                 self.db.execute("DELETE FROM requests WHERE created < ?", (now - self.ttl,))
+                if self.client_ttl_s > 0:
+                    self._purge_inactive(self.client_ttl_s, now)
             return out
 
     def check_many(self, items: Sequence[tuple]) -> list:
@@ -239,7 +502,11 @@ class FilterStateStore:
                 return self._check_one(item[0], item[1], item[2], now)
             except self._input_error as err:
                 return err
-        return self._batch(one, items)
+        out = self._batch(one, items)
+        if any(isinstance(v, dict) and v.get("blocked") for v in out):
+            mark = self.last_event()
+            out = [{**v, "mark": mark} if isinstance(v, dict) and v.get("blocked") else v for v in out]
+        return out
 
     def check(self, client_id: str, image: np.ndarray, request_id: Optional[str] = None) -> dict:
         """One query (see :meth:`check_many`); a refused input raises FilterInputError."""
@@ -248,13 +515,92 @@ class FilterStateStore:
             raise res
         return res
 
-    def reset(self, client_id: str) -> dict:
-        """Operator unblock: the client starts over with an empty buffer and counter."""
+    def reset(self, client_id: str, by: str = "admin") -> dict:
+        """Operator unblock: the client starts over with an empty buffer and counter.  Its
+        evidence and events stay (``why``)."""
         def one(item, now):
-            e, st = self._load(client_id), self._cls(self.params)
-            self.cache[client_id] = self._store(client_id, e, st, None, True, None, {}, now)
+            e = self._load(client_id)
+            before = self.describe(e.state)
+            st = self._cls(self.params)
+            self._put(client_id, self._store(client_id, e, st, None, True, None, {}, now))
+            self._audit("unblock", client_id, now, before=before, by=by)
             return {"client_id": client_id, **self.describe(st)}
         return self._batch(one, [(client_id,)])[0]
+
+    def block(self, client_id: str, reason: str = "", by: str = "admin") -> dict:
+        """Operator block: the client is refused from now on, as if its counter had reached
+        L_sp (durable before this returns); unblock undoes it."""
+        def one(item, now):
+            e = self._load(client_id)
+            st = e.state
+            if st.blocked:
+                return {"client_id": client_id, **self.describe(st), "changed": False}
+            st.count = int(self.params.l_sp)
+            self._put(client_id, self._store(client_id, e, st, None, e.version == 0, None, {}, now))
+            self.db.execute("INSERT INTO evidence (client_id, at, detail) VALUES (?, ?, ?)",
+                            (client_id, now, json.dumps({"manual": True, "reason": reason, "by": by,
+                                                         "n_queries": int(st.n_queries)})))
+            self._audit("manual_block", client_id, now, reason=reason, by=by, n_queries=int(st.n_queries))
+            self._durable = True
+            return {"client_id": client_id, **self.describe(st), "changed": True}
+        return self._batch(one, [(client_id,)])[0]
+
+    def add_queries(self, counts: dict) -> int:
+        """Queries of blocked clients that a replica refused by itself (no model, no check):
+        added to their query counts, one statement per client per flush.  Clients no
+        longer blocked (an unblock meanwhile) are skipped.  Returns the clients updated."""
+        def one(item, now):
+            cid, n = item
+            cur = self.db.execute("UPDATE clients SET version=version+1, n_queries=n_queries+?, updated=? "
+                                  "WHERE client_id=? AND blocked=1", (int(n), now, cid))
+            hit = self.cache.get(cid)
+            if cur.rowcount == 1 and hit is not None:
+                hit.version += 1
+                hit.state.n_queries += int(n)
+            elif hit is not None:
+                self._drop(cid)
+            return cur.rowcount
+        return sum(self._batch(one, list(counts.items()))) if counts else 0
+
+    def purge(self, client_id: str, by: str = "admin") -> dict:
+        """Forget one client's state (buffer, counters, log; blocked or not).  Its evidence
+        and events stay.  Returns ``{"purged": bool}``."""
+        def one(item, now):
+            row = self.db.execute("SELECT blocked, n_queries FROM clients WHERE client_id=?", (client_id,)).fetchone()
+            self.db.execute("DELETE FROM log WHERE client_id=?", (client_id,))
+            self.db.execute("DELETE FROM clients WHERE client_id=?", (client_id,))
+            self._drop(client_id)
+            if row is not None:
+                self._audit("purge", client_id, now, by=by, blocked=bool(row[0]), n_queries=int(row[1]))
+                self.stats["purged"] += 1
+            return {"client_id": client_id, "purged": row is not None, "was_blocked": bool(row and row[0])}
+        return self._batch(one, [(client_id,)])[0]
+
+    def _purge_inactive(self, older_than_s: float, now: float, by: str = "ttl", limit: int = 10000) -> int:
+        ids = [r[0] for r in self.db.execute("SELECT client_id FROM clients WHERE blocked=0 AND updated < ? "
+                                             "LIMIT ?", (now - older_than_s, int(limit)))]
+        if not ids:
+            return 0
+        with self._tx():
+            for cid in ids:
+                self.db.execute("DELETE FROM log WHERE client_id=?", (cid,))
+                self.db.execute("DELETE FROM clients WHERE client_id=? AND blocked=0", (cid,))
+                self._drop(cid)
+            self._audit("purge_inactive", None, now, by=by, clients=len(ids), older_than_s=float(older_than_s))
+        self.stats["purged"] += len(ids)
+        return len(ids)
+
+    def purge_inactive(self, older_than_s: Optional[float] = None, by: str = "admin") -> int:
+        """Forget every unblocked client inactive for ``older_than_s`` (default: the
+        configured TTL); blocked clients are never purged this way.  Returns the count."""
+        ttl = self.client_ttl_s if older_than_s is None else float(older_than_s)
+        with self.lock:
+            total = 0
+            while True:
+                n = self._purge_inactive(ttl, time.time(), by)
+                total += n
+                if n < 10000:
+                    return total
 
     def close(self) -> None:
         self.db.close()

@@ -1,0 +1,220 @@
+"""The filter-state store as an operator runs it (no Ray): bounded memory with many client
+ids, blocks kept through eviction, TTL and purge, durable (fsync'd) blocks, file modes,
+quarantine of a corrupt snapshot, the evidence of a block kept after unblock, the audit
+trail, and the shard-call deadline (503, fail closed)."""
+import asyncio
+import json
+import logging
+import os
+import sqlite3
+import stat
+import time
+
+import numpy as np
+import pytest
+
+from raymia.defenses.filter import FilterParams
+from raymia.serving.store import FilterStateStore, state_nbytes
+
+SHAPE = (1, 32, 32)
+
+
+def img(rng):
+    return rng.random(SHAPE).astype(np.float32)
+
+
+def u8(rng):
+    return (rng.integers(0, 256, SHAPE).astype(np.float32) / 255.0).astype(np.float32)
+
+
+def block(store, cid, face):
+    """Send the same face until the filter blocks ``cid`` (L_sp = 4: the 4th query)."""
+    out = [store.check(cid, face)["safe"] for _ in range(4)]
+    assert out == [True, True, True, False]
+
+
+def test_many_clients_memory_stays_under_the_bound_and_blocks_survive_eviction(tmp_path):
+    p = FilterParams()
+    rng = np.random.default_rng(0)
+    one = state_nbytes(_one_state(p))
+    bound_entries, bound_bytes = 300, 200 * one          # the byte bound is the tighter one
+    store = FilterStateStore(tmp_path / "s.sqlite", p, cache_clients=bound_entries, cache_bytes=bound_bytes)
+    faces = [img(rng) for _ in range(10)]
+    for k in range(10):
+        block(store, f"bad-{k}", faces[k])
+    n, t0, peak = 0, time.perf_counter(), 0
+    while time.perf_counter() - t0 < 4.0 or n < 2000:    # as many distinct ids as fit in ~4 s
+        batch = [(f"user-{n + j}", u8(rng), None) for j in range(50)]
+        assert all(v["safe"] for v in store.check_many(batch))
+        n += 50
+        peak = max(peak, store.cache_used)
+        assert len(store.cache) <= bound_entries and store.cache_used <= bound_bytes
+    info = store.cache_info()
+    assert info["evicted"] >= n - 200 and peak <= bound_bytes
+    for k in range(10):                                   # evicted long ago, still blocked from the file
+        assert f"bad-{k}" not in store.cache
+        v = store.check(f"bad-{k}", img(rng))
+        assert not v["safe"] and v["blocked"]
+    fp = store.footprint(checkpoint=True)
+    per_client = fp["bytes"] / fp["clients"]
+    print(f"\n{n} clients through the store in {time.perf_counter() - t0:.1f} s; cache peak {peak / 2**20:.1f} MiB "
+          f"<= bound {bound_bytes / 2**20:.1f} MiB ({one / 1024:.0f} KiB per cached state); "
+          f"disk {fp['bytes'] / 2**20:.1f} MiB = {per_client / 1024:.2f} KiB per client after one 8-bit query")
+    assert per_client < 4 * 1024                          # one 8-bit 32x32 image + the row, not a full snapshot
+    store.close()
+
+
+def _one_state(p):
+    from raymia.defenses.filter import ClientFilterState
+    st = ClientFilterState(p)
+    st.check(np.full(SHAPE, 0.5, np.float32))
+    return st
+
+
+def test_ttl_purges_inactive_unblocked_clients_only_and_purge_keeps_evidence(tmp_path, caplog):
+    p = FilterParams()
+    rng = np.random.default_rng(1)
+    store = FilterStateStore(tmp_path / "s.sqlite", p, client_ttl_s=3600)
+    face = img(rng)
+    block(store, "mallory", face)
+    store.check("alice", img(rng))
+    store.check("bob", img(rng))
+    store.db.execute("UPDATE clients SET updated = updated - 7200")     # both inactive for two hours
+    store.check("carol", img(rng))
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="raymia.audit"):
+        assert store.purge_inactive() == 2                                # alice, bob; never mallory
+        assert store.get("alice") is None and store.get("carol") is not None
+        assert store.get("mallory")["blocked"]
+        assert store.purge("mallory")["purged"] and store.get("mallory") is None
+    kinds = [json.loads(r.getMessage())["audit"] for r in caplog.records]
+    assert kinds == ["purge_inactive", "purge"]
+    why = store.why("mallory")                                            # the evidence outlives the purge
+    assert [e["kind"] for e in why["events"]] == ["block", "purge"] and len(why["evidence"]) == 3
+    store.close()
+
+
+def test_block_is_durable_audited_and_its_evidence_outlives_unblock(tmp_path, caplog):
+    p = FilterParams()
+    rng = np.random.default_rng(2)
+    path = tmp_path / "s.sqlite"
+    store = FilterStateStore(path, p)
+    for f in (path, f"{path}-wal", f"{path}-shm"):                       # owner-only, whatever the umask
+        assert stat.S_IMODE(os.stat(f).st_mode) == 0o600, f
+    face = img(rng)
+    with caplog.at_level(logging.INFO, logger="raymia.audit"):
+        for _ in range(3):
+            store.check("eve", face)
+        assert store.stats["fsyncs"] == 0                                 # ordinary commits: no fsync
+        assert not store.check("eve", face)["safe"]
+        assert store.stats["fsyncs"] == 1                                 # the blocking commit: fsync'd
+        store.check("eve", face)                                         # already blocked: no new fsync
+        assert store.stats["fsyncs"] == 1
+        store.reset("eve")
+        store.block("frank", reason="abuse report #12")
+        assert store.stats["fsyncs"] == 2
+    lines = [json.loads(r.getMessage()) for r in caplog.records]
+    assert [(ln["audit"], ln["client_id"]) for ln in lines] == [("block", "eve"), ("unblock", "eve"),
+                                                                 ("manual_block", "frank")]
+    assert lines[2]["reason"] == "abuse report #12"
+    why = store.why("eve")
+    assert [e["kind"] for e in why["events"]] == ["block", "unblock"]
+    ev = why["evidence"]                       # queries 2, 3, 4 raised the counter by 1, 2, 3 matches
+    assert [e["query"] for e in ev] == [2, 3, 4] and [e["matches"] for e in ev] == [1, 2, 3]
+    last = ev[-1]
+    assert last["blocked"] and [c["query"] for c in last["compared"]] == [1, 2, 3]
+    assert all(c["matched"] and c["ssim"] > p.t_ssim and c["hash_diff"] < p.t_hash for c in last["compared"])
+    assert store.get("frank")["blocked"] and not store.check("frank", img(rng))["safe"]
+    # the cost of the durable write: fsync of the WAL after a blocking commit
+    t = []
+    for k in range(20):
+        t0 = time.perf_counter()
+        store.block(f"sybil-{k}")
+        t.append(time.perf_counter() - t0)
+    n0 = store.stats["fsyncs"]
+    t_plain = []
+    for k in range(20):
+        t0 = time.perf_counter()
+        store.check(f"plain-{k}", img(rng))
+        t_plain.append(time.perf_counter() - t0)
+    assert store.stats["fsyncs"] == n0
+    print(f"\nmanual block (commit + fsync) median {np.median(t) * 1e3:.2f} ms, fsync alone "
+          f"{store.stats['fsync_s'] / store.stats['fsyncs'] * 1e3:.2f} ms on average; "
+          f"an ordinary first check {np.median(t_plain) * 1e3:.2f} ms")
+    store.close()
+
+
+def test_corrupt_snapshot_is_quarantined_and_the_client_starts_clean(tmp_path, caplog):
+    p = FilterParams()
+    rng = np.random.default_rng(3)
+    path = tmp_path / "s.sqlite"
+    store = FilterStateStore(path, p, snapshot_every=2)
+    for _ in range(5):
+        store.check("ok-user", img(rng))
+    block(store, "bad-guy", img(rng))
+    store.close()
+    db = sqlite3.connect(path)
+    for cid in ("ok-user", "bad-guy"):
+        blob = bytearray(db.execute("SELECT snapshot FROM clients WHERE client_id=?", (cid,)).fetchone()[0])
+        blob[len(blob) // 2] ^= 0xFF                      # one flipped byte: checksum mismatch
+        db.execute("UPDATE clients SET snapshot=? WHERE client_id=?", (bytes(blob), cid))
+    db.commit()
+    db.close()
+    store = FilterStateStore(path, p)
+    with caplog.at_level(logging.INFO, logger="raymia.audit"):
+        v = store.check("ok-user", img(rng))             # not a 422: a clean state, the query counted
+        assert v["safe"] and v["n_queries"] == 6 and v["count"] == 0
+        assert store.get("ok-user")["quarantined"] == 1 and store.get("ok-user")["buffered"] == 1
+        st = store.get("bad-guy")                       # corruption never undoes a block
+        assert st["blocked"] and st["quarantined"] == 1
+        assert not store.check("bad-guy", img(rng))["safe"]
+        assert store.reset("bad-guy")["blocked"] is False  # unblock works on it
+    q = store.quarantined()
+    assert {e["client_id"] for e in q} == {"ok-user", "bad-guy"} and all("checksum" in e["error"] for e in q)
+    assert all(e["snapshot_bytes"] > 0 for e in q)      # the corrupt bytes are kept aside
+    kinds = [json.loads(r.getMessage())["audit"] for r in caplog.records]
+    assert kinds.count("quarantine") == 2
+    store.close()
+
+
+def test_list_clients_pages_and_add_queries_counts_refused_ones(tmp_path):
+    p = FilterParams()
+    rng = np.random.default_rng(4)
+    store = FilterStateStore(tmp_path / "s.sqlite", p)
+    for k in range(25):
+        store.check(f"c{k:02d}", img(rng))
+    block(store, "c99", img(rng))
+    seen, after = [], ""
+    while True:
+        page = store.list_clients(after, 10)
+        seen += [c["client_id"] for c in page["clients"]]
+        if page["next"] is None:
+            break
+        after = page["next"]
+    assert seen == sorted(seen) and len(seen) == 26
+    assert [c["client_id"] for c in store.list_clients("", 100, blocked=True)["clients"]] == ["c99"]
+    assert store.add_queries({"c99": 5, "c00": 3}) == 1  # only blocked clients take refused queries
+    assert store.get("c99")["n_queries"] == 9 and store.get("c00")["n_queries"] == 1
+    store.close()
+
+
+def test_shard_call_deadline_fails_closed_with_503():
+    from serve.state import ShardRouter, ShardUnavailable
+
+    class Slow:
+        def __getattr__(self, name):
+            class M:
+                @staticmethod
+                async def remote(*a):
+                    await asyncio.sleep(30)
+            return M
+
+    r = ShardRouter("/nonexistent", {}, 2, timeout_s=0.2, resolve=False)
+    r.handles = [Slow(), Slow()]
+
+    async def go():
+        t0 = time.perf_counter()
+        with pytest.raises(ShardUnavailable, match=r"did not answer within 0.2 s"):
+            await r.check("c", np.zeros(SHAPE, np.float32), "req")
+        return time.perf_counter() - t0
+    assert asyncio.run(go()) < 2.0
