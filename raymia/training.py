@@ -13,7 +13,6 @@ import torch.nn.functional as F
 from . import artifacts
 from .config import ClassifierCfg, Config, GanCfg, config_from_dict
 from .data import Bundle, Split, load_bundle
-from .kinds import artifact_dir  # noqa: F401  (old import path, until every caller uses raymia.kinds)
 from .kinds import kind as artifact_kind
 from .models import (Classifier, Generator, build_classifier, build_discriminator, build_generator,
                      diff_augment, freeze, recalibrate_bn)

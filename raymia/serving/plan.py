@@ -76,7 +76,7 @@ def _pick_variant(rec: dict, path: Path) -> tuple[str, float]:
 def _check_rec_matches(cfg: Config, rec_path: Path, variant: str, preset: str) -> None:
     """Refuse a recommendation that the alpha sweep computed for other models."""
     from ..defenses.dummy import dummy_artifact_dir
-    from ..training import artifact_dir
+    from ..kinds import artifact_dir
     sweep_cfg_path = rec_path.parent / "config.yaml"
     if not sweep_cfg_path.exists():
         return
@@ -105,7 +105,7 @@ def resolve_plan(cfg: Config, preset: str = "orl") -> ServingPlan:
     the command that creates whatever is missing."""
     from ..artifacts import artifact_exists
     from ..defenses.dummy import dummy_artifact_dir
-    from ..training import artifact_dir
+    from ..kinds import artifact_dir
     s = cfg.serve
     root = Path(cfg.run.out_root) / cfg.run.name / "artifacts"
     target = artifact_dir(cfg, "target")
