@@ -25,7 +25,8 @@ ROOT = Path(__file__).resolve().parents[1]
 def library_model(cfg):
     """R' = 0.5 R_T + 0.5 R_dmy straight from the library (not through raymia.serving)."""
     from raymia.defenses.dummy import CombinedModel, dummy_artifact_dir, load_dummy
-    from raymia.training import artifact_dir, load_classifier
+    from raymia.kinds import artifact_dir
+    from raymia.training import load_classifier
     rt, _ = load_classifier(artifact_dir(cfg, "target"))
     dm, _, _ = load_dummy(dummy_artifact_dir(cfg, "calibrated"))
     return CombinedModel(rt, dm, 0.5).eval()
@@ -220,14 +221,19 @@ def test_blocked_client_stays_blocked_after_actor_kill_and_app_restart(serve_app
     name = list(shards)[shard_of("eve", n)]
     pid = ray.get(shards[name].ping.remote())["pid"]
     ray.kill(shards[name])                                 # for good: the replica re-creates it
-    assert eve.predict(x[8]).status == 403
+    assert eve.predict(x[8]).status == 403                 # refused by the replica's set of blocked ids
+    assert state(serve_app, "eve")["blocked"]              # the re-created actor read the block from the file
     assert ray.get(dict(serve_app.shard_actors())[name].ping.remote())["pid"] != pid
     ray.kill(dict(serve_app.shard_actors())[name], no_restart=False)   # a crash: Ray restarts it
     assert eve.predict(x[9]).status == 403
-    # the whole app: delete it, kill every shard actor, deploy again
+    assert state(serve_app, "eve")["blocked"]
+    # the whole app: delete it (its shard actors go with its replica: not detached), deploy again
     rserve.delete(SERVE_APP)
-    for _, h in serve_app.shard_actors():
-        ray.kill(h)
+    import time
+    deadline = time.time() + 60
+    while serve_app.shard_actors() and time.time() < deadline:
+        time.sleep(0.5)
+    assert serve_app.shard_actors() == []
     serve_app.deploy()
     assert eve.predict(x[10]).status == 403
     st = state(serve_app, "eve")
@@ -356,3 +362,98 @@ def test_filter_state_store_snapshot_plus_log_restores_the_exact_state(tmp_path)
         assert other._load("k").state.to_bytes() == ref.to_bytes()   # buffer, counter, query count: bit for bit
         other.close()
     assert ref.count > 0 and not ref.blocked
+
+
+# ----------------------------------------------------------------------------- operator features, live
+
+def test_json_garbage_over_http_never_answers_5xx(serve_app):
+    from test_serve_fuzz import garbage_bodies
+    bodies = garbage_bodies(150, seed=7)
+    statuses = []
+    c = ServeClient(serve_app.url, "fuzzer")
+    for b in bodies:
+        r = c.request("POST", "/predict", b, {"Content-Type": "application/json"})
+        statuses.append(r.status)
+        assert r.status < 500, (b[:80], r.status, r.body)
+        if r.status >= 400:
+            assert isinstance(r.body.get("error"), str), r.body
+    assert sum(400 <= s < 500 for s in statuses) >= 140
+
+
+def test_blocked_client_is_refused_before_the_model_and_healthz_is_cached(serve_app, serve_artifacts):
+    _, bundle = serve_artifacts
+    x, _ = faces(bundle)
+    ivy = serve_app.client("ivy")
+    assert [ivy.predict(x[40]).status for _ in range(4)] == [200, 200, 200, 403]
+    before = serve_app.admin("GET", "/admin/info").body["replica"]
+    assert [ivy.predict(img).status for img in x[41:46]] == [403] * 5
+    after = serve_app.admin("GET", "/admin/info").body["replica"]
+    assert after["forwarded"] == before["forwarded"]          # no model forward for a blocked client
+    assert after["outcomes"]["blocked_cached"] - before["outcomes"].get("blocked_cached", 0) == 5
+    assert state(serve_app, "ivy")["n_queries"] == 9          # the refused queries are still counted
+    # /healthz answers from the shard health refreshed in the background, not a ping per call
+    shard0 = serve_app.shard_actors()[0][1]
+    import ray
+    p0 = ray.get(shard0.ping.remote())["pings"]
+    t0 = __import__("time").time()
+    hs = [serve_app.client().healthz() for _ in range(40)]
+    elapsed = __import__("time").time() - t0
+    assert all(h.status == 200 and h.body["status"] == "ok" for h in hs)
+    p1 = ray.get(shard0.ping.remote())["pings"]
+    interval = serve_app.cfg.serve.health_interval_s
+    assert p1 - p0 - 1 <= elapsed / interval + 2, (p1 - p0, elapsed)   # far fewer than 40
+
+
+def test_admin_why_list_block_purge_events_and_auth_failures(serve_app, serve_artifacts):
+    _, bundle = serve_artifacts
+    x, _ = faces(bundle)
+    jon = serve_app.client("jon")
+    assert [jon.predict(x[46]).status for _ in range(4)] == [200, 200, 200, 403]
+    why = serve_app.admin("GET", "/admin/clients/jon/why").body
+    assert [e["kind"] for e in why["events"]] == ["block"]
+    last = why["evidence"][-1]
+    assert last["blocked"] and [c["query"] for c in last["compared"]] == [1, 2, 3]
+    assert all(c["matched"] and c["ssim"] > why["thresholds"]["t_ssim"] for c in last["compared"])
+    assert serve_app.admin("POST", "/admin/clients/jon/unblock").status == 200
+    assert jon.predict(x[47]).status == 200                     # the replica dropped it from its blocked set
+    why2 = serve_app.admin("GET", "/admin/clients/jon/why").body
+    assert why2["evidence"] == why["evidence"] and [e["kind"] for e in why2["events"]] == ["block", "unblock"]
+    # manual block, with a reason; then purge
+    kim = serve_app.client("kim")
+    assert kim.predict(x[48]).status == 200
+    r = serve_app.admin("POST", "/admin/clients/kim/block?reason=abuse%20report")
+    assert r.status == 200 and r.body["blocked"] and r.body["changed"]
+    assert kim.predict(x[49]).status == 403
+    assert serve_app.admin("GET", "/admin/clients/kim/why").body["events"][-1]["reason"] == "abuse report"
+    # paged list
+    ids, after = [], ""
+    while True:
+        page = serve_app.admin("GET", f"/admin/clients?limit=3&after={after}").body
+        ids += [c["client_id"] for c in page["clients"]]
+        if page["next"] is None:
+            break
+        after = page["next"]
+    assert ids == sorted(ids) and {"jon", "kim"} <= set(ids)
+    blocked = serve_app.admin("GET", "/admin/clients?blocked=true&limit=1000").body["clients"]
+    assert "kim" in {c["client_id"] for c in blocked} and "jon" not in {c["client_id"] for c in blocked}
+    r = serve_app.admin("POST", "/admin/clients/kim/purge")
+    assert r.status == 200 and r.body["purged"] and r.body["was_blocked"]
+    assert serve_app.admin("GET", "/admin/clients/kim").status == 404
+    assert kim.predict(np.random.default_rng(5).random((1, 32, 32)).astype(np.float32)).status == 200                     # a purged client starts over
+    r = serve_app.admin("POST", "/admin/purge")                  # TTL sweep (30 days: nobody)
+    assert r.status == 200 and r.body["purged"] == 0
+    kinds = [(e["kind"], e["client_id"]) for e in serve_app.admin("GET", "/admin/events?limit=10000").body["events"]]
+    for want in [("block", "jon"), ("unblock", "jon"), ("manual_block", "kim"), ("purge", "kim")]:
+        assert want in kinds
+    assert serve_app.admin("GET", "/admin/quarantine").body == {"quarantined": []}
+    for path in ("/admin/clients/jon/why", "/admin/events", "/admin/clients/jon/block"):
+        method = "POST" if path.endswith("block") else "GET"
+        assert ServeClient(serve_app.url).request(method, path, headers={"X-Admin-Token": "w" * 40}).status == 401
+    outcomes = serve_app.admin("GET", "/admin/info").body["replica"]["outcomes"]
+    assert outcomes["answered"] >= 3 and outcomes["blocked"] >= 1 and outcomes["blocked_cached"] >= 1
+
+
+def test_short_admin_token_is_refused_at_start_up(serve_artifacts):
+    import serve as raymia_serve
+    with pytest.raises(ConfigError, match="at least 32"):
+        raymia_serve.build_app(serve_artifacts[0], "smoke", admin_token="short-token")
