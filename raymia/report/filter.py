@@ -1,7 +1,10 @@
 """Report of the similarity-filter sweep: the paper's Tables 2-6 with ours beside its
 numbers (markdown), the whole grid, the experiments beyond the paper, and the figures
 (detection vs FPR, per-label iterations as Figs. 6/7, the adaptive attacker's noise, detection
-as curves over the attacker's noise σ)."""
+as curves over the attacker's noise σ).
+
+(~520 lines: one short function per table or figure, all over the same trial and summary
+frames; split further they would only import each other.)"""
 from __future__ import annotations
 
 import math

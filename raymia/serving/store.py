@@ -4,7 +4,10 @@ the verdicts are returned; any number of processes can hold the store and the fi
 the single source of truth; request ids make a retried check count once.  Operator
 side: a bounded (LRU) in-memory cache, TTL purge of inactive unblocked clients, durable
 (fsync'd) blocks, quarantine of corrupt snapshots, the evidence of every match and an
-audit trail (``events`` table plus one JSON log line per event on ``raymia.audit``)."""
+audit trail (``events`` table plus one JSON log line per event on ``raymia.audit``).
+
+(~600 lines: one SQLite schema and every transaction over it, so that each write path and
+its durability rule read together.)"""
 from __future__ import annotations
 
 import contextlib
