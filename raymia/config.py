@@ -172,6 +172,24 @@ class AttackCfg:
 
 
 @dataclass
+class QueryAttackCfg:
+    """Query-based attacks through an oracle (raymia/attacks/blackbox.py, label_only.py)."""
+    budget: int = 2000           # black-box (NES): queries per row
+    nes_pairs: int = 10          # antithetic pairs per iteration (2x queries)
+    nes_sigma: float = 0.1       # perturbation std in latent units
+    nes_lr: float = 0.05         # Adam step on the estimated gradient
+    top_k: int = 0               # confidences the black-box attacker gets back (0 = all)
+    label_budget: int = 3000     # label-only: queries per row
+    label_points: int = 24       # sphere points per round
+    label_r0: float = 1.0        # first sphere radius (latent units)
+    label_growth: float = 1.2    # radius factor when the whole sphere is labelled the target
+    label_r_max: float = 8.0     # stop at this radius
+    label_step: float = 0.5      # step (fraction of the radius) away from the points not labelled the target
+    label_init_batch: int = 64   # prior draws per round while looking for a start labelled the target
+    label_init_budget: int = 2000  # most queries spent looking for that start
+
+
+@dataclass
 class SweepCfg:
     alpha_start: float = 0.0
     alpha_stop: float = 1.0
@@ -322,6 +340,7 @@ class Config:
     combine: CombineCfg = field(default_factory=CombineCfg)
     search: SearchCfg = field(default_factory=SearchCfg)
     attack: AttackCfg = field(default_factory=AttackCfg)
+    query_attack: QueryAttackCfg = field(default_factory=QueryAttackCfg)
     sweep: SweepCfg = field(default_factory=SweepCfg)
     judge: JudgeCfg = field(default_factory=JudgeCfg)
     study: StudyCfg = field(default_factory=StudyCfg)
@@ -502,6 +521,11 @@ def validate(cfg: Config) -> None:
     cb = cfg.combine
     _check(0.0 < cb.gate_tau < 1.0 and cb.gate_temp > 0, "combine.gate_tau must lie in (0, 1) and combine.gate_temp be > 0")
     _check(cfg.attack.restarts >= 1 and cfg.attack.iters >= 1, "attack.restarts and attack.iters must be >= 1")
+    qa = cfg.query_attack
+    _check(qa.budget >= 0 and qa.label_budget >= 0 and qa.nes_pairs >= 1 and qa.nes_sigma > 0 and qa.top_k >= 0
+           and qa.label_points >= 1 and qa.label_r0 > 0 and qa.label_growth > 1 and qa.label_step > 0,
+           "query_attack: budgets and top_k >= 0, nes_pairs and label_points >= 1, nes_sigma, label_r0 and "
+           "label_step > 0, label_growth > 1")
     alpha_grid(cfg.sweep)  # raises on a bad grid
     _validate_serve(cfg.serve)
     _validate_filter(cfg)
