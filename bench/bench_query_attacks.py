@@ -158,7 +158,7 @@ def serve_filter(args) -> dict:
             "answered": res.queries.tolist(), "blocked_at": res.blocked_at.tolist(),
             "blocked_rows": int(res.blocked.sum()), "found": res.extra["found"].tolist(),
             "radius": [round(float(r), 3) for r in res.extra["radius"]],
-            "median_latency_ms": 1000 * float(np.sum(oracle.seconds) / max(1, int(oracle.sent.sum()))),
+            "mean_latency_ms": 1000 * float(np.sum(oracle.seconds) / max(1, int(oracle.sent.sum()))),
             **{k: float(np.mean(v)) for k, v in s.items() if k.endswith("top5")}}
 
 
