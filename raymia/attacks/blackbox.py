@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from .generator_mia import initial_latents
-from .oracle import Oracle, target_scores
+from .oracle import Oracle, check_rows, target_scores
 
 
 @dataclass
@@ -111,12 +111,8 @@ def blackbox_mia(oracle: Oracle, generator: torch.nn.Module, targets: Sequence[i
     with ``lr``; ``iters`` > 0 caps the iterations (0 = until the budget).  ``chunk`` > 0
     splits each round into forwards/oracle calls of at most ``chunk`` images (same
     trajectory; ``chunk=1`` is the one-query-at-a-time baseline)."""
-    if generator.training:
-        raise ValueError("the attacker's generator must be in eval mode")
+    n = check_rows(generator, oracle, targets, seeds)
     device = torch.device(device)
-    n = len(targets)
-    if n != oracle.n_rows or len(seeds) != n:
-        raise ValueError(f"targets and seeds need one entry per oracle row ({oracle.n_rows})")
     if oracle.labels_only:
         raise ValueError("the score-based attack needs confidences; use raymia.attacks.label_only for a labels-only oracle")
     if pairs < 1 or sigma <= 0:

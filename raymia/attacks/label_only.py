@@ -31,7 +31,7 @@ import torch
 
 from .blackbox import QueryAttackResult, _per_row, render, row_generators
 from .generator_mia import initial_latents
-from .oracle import Oracle
+from .oracle import Oracle, check_rows
 
 
 def _unit(n: int, d: int, gen: torch.Generator) -> torch.Tensor:
@@ -48,12 +48,8 @@ def label_only_mia(oracle: Oracle, generator: torch.nn.Module, targets: Sequence
     are read).  See the module docstring for the parameters.  ``result.extra`` holds per
     row ``found`` (a start labelled the target was found), ``radius`` (final R),
     ``final_is_target`` and ``init_queries``."""
-    if generator.training:
-        raise ValueError("the attacker's generator must be in eval mode")
+    n = check_rows(generator, oracle, targets, seeds)
     device = torch.device(device)
-    n = len(targets)
-    if n != oracle.n_rows or len(seeds) != n:
-        raise ValueError(f"targets and seeds need one entry per oracle row ({oracle.n_rows})")
     if points < 1 or r0 <= 0 or growth <= 1 or step <= 0:
         raise ValueError("points >= 1, r0 > 0, growth > 1 and step > 0 are required")
     budgets = _per_row(budget, n, "budget")

@@ -238,6 +238,16 @@ class CountingOracle(Oracle):
         return self.inner.blocked
 
 
+def check_rows(generator, oracle: Oracle, targets: Sequence[int], seeds: Sequence[int]) -> int:
+    """The checks every query attack makes before its first query; returns the row count."""
+    if generator.training:
+        raise ValueError("the attacker's generator must be in eval mode")
+    n = len(targets)
+    if n != oracle.n_rows or len(seeds) != n:
+        raise ValueError(f"targets and seeds need one entry per oracle row ({oracle.n_rows})")
+    return n
+
+
 def target_scores(probs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """The attacker's reading of its target's confidence from a (possibly top-k) answer:
     the returned confidence, or -- when the target was not among the returned classes --
