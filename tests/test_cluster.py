@@ -69,7 +69,7 @@ def test_gpu_requests_follow_resources_use_gpu(ray_session):
     """Tune trials ask for GPU shares when GPUs are used; `always` asks before an
     autoscaling cluster has any GPU (that request is what starts the GPU nodes)."""
     from raymia.config import load_config
-    from raymia.distributed import cluster_gpus, trial_resources
+    from raymia.distributed.runtime import cluster_gpus, trial_resources
     cfg = load_config("orl")
     assert ("gpu" in trial_resources(cfg)) == (cluster_gpus() > 0)           # auto
     cfg.resources.use_gpu = "always"

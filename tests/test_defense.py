@@ -149,7 +149,7 @@ def test_summary_bootstrap_and_recommendation():
 def test_plan_chunks_store_resume(tmp_path):
     cfg = load_config("smoke", ["attack.restarts=2"])
     rows = plan_rows(cfg, 5)
-    assert len(rows) == 2 * 3 * 5 * 2 and not rows.duplicated(KEY).any()
+    assert len(rows) == 2 * 4 * 5 * 2 and not rows.duplicated(KEY).any()      # variants x alphas x targets x restarts
     chunks = plan_chunks(rows, 7)
     assert all(c["variant"].nunique() == 1 for c in chunks)
     assert [chunk_id(c) for c in chunks] == [chunk_id(c) for c in plan_chunks(plan_rows(cfg, 5), 7)]
