@@ -170,13 +170,7 @@ def filter_params(cfg: Config):
     """The similarity filter's parameters from the config's ``filter`` section (fields of
     :class:`~raymia.defenses.filter.FilterParams` taken by name)."""
     from ..defenses.filter import FilterParams
-    sec = getattr(cfg, "filter", None)
-    names = [f.name for f in dataclasses.fields(FilterParams)]
-    kw = {n: getattr(sec, n) for n in names if sec is not None and hasattr(sec, n)}
-    try:
-        return FilterParams(**kw)
-    except ValueError as e:
-        raise ConfigError(f"filter: {e}") from None
+    return FilterParams.from_config(cfg.filter)
 
 
 def config_from_serve_args(args: Mapping[str, Any]) -> Config:
