@@ -237,6 +237,7 @@ class ServeCfg:
     use_filter: bool = True        # per-client similarity filter (section filter) in front of the model
     shards: int = 2                # filter-state actors; clients are sharded by id
     state_path: str = ""           # SQLite file of the filter states; "" = <out_root>/<run.name>/serve/filter_state.sqlite
+    state_url: str = ""            # postgresql://user@host:5432/db: the filter states in PostgreSQL (apps on several nodes); "" = SQLite at state_path
     max_body_bytes: int = 1048576  # larger request bodies get 413
     top_k: int = 5                 # most confidences one reply carries (a request may ask for fewer)
     labels_only: bool = False      # replies carry the label only, no confidences
@@ -547,6 +548,9 @@ def _validate_serve(s: "ServeCfg") -> None:
     _check(s.cache_clients >= 1 and s.cache_mb > 0 and s.client_ttl_s >= 0,
            "serve.cache_clients must be >= 1, serve.cache_mb > 0 and serve.client_ttl_s >= 0")
     _check(s.min_admin_token_chars >= 16, "serve.min_admin_token_chars must be >= 16")
+    _check(not s.state_url or s.state_url.split("://", 1)[0] in ("postgresql", "postgres"),
+           f"serve.state_url must be a postgresql:// URL (or empty for SQLite at serve.state_path), "
+           f"got {s.state_url.split('://', 1)[0]!r}://...")
 
 
 def _validate_filter(cfg: "Config") -> None:

@@ -32,6 +32,7 @@ from starlette.responses import JSONResponse
 from raymia.config import config_from_dict
 from raymia.serving.http import (InputSpec, RequestError, check_admin, check_client_id, check_content_length,
                                  identify, parse_predict, prediction, too_large)
+from raymia.serving.backends import redact
 from raymia.serving.plan import ServingPlan, load_serving_model
 from raymia.serving.store import emit_audit
 
@@ -272,7 +273,7 @@ class RaymiaModel:
 
     async def info(self) -> dict:
         health = await self.shards.cached_health() if self.shards else None
-        return {"plan": self.plan.to_dict(), "filter_params": self.filter_params,
+        return {"plan": {**self.plan.to_dict(), "state_path": redact(self.plan.state_path)}, "filter_params": self.filter_params,
                 "shards": self.shards.names if self.shards else [], "input": list(self.spec.shape),
                 "classes": self.spec.n_classes, "top_k": self.spec.max_top_k, "labels_only": self.spec.labels_only,
                 "batch_size": self.cfg.serve.batch_size, "batch_wait_ms": self.cfg.serve.batch_wait_ms,

@@ -318,9 +318,9 @@ def test_alpha_and_variant_come_from_the_recommendation(serve_artifacts, tmp_pat
 
 # ----------------------------------------------------------------------------- filter-state store
 
-def test_filter_state_store_persists_replays_and_stays_exact(tmp_path):
+def test_filter_state_store_persists_replays_and_stays_exact(store_at):
     p = FilterParams()
-    path = tmp_path / "state.sqlite"
+    path = store_at
     a, b = FilterStateStore(path, p), FilterStateStore(path, p)     # two holders of one file
     img = np.full((1, 32, 32), 0.25, np.float32)
     v1 = a.check("c", img, "req-1")
@@ -342,7 +342,7 @@ def test_filter_state_store_persists_replays_and_stays_exact(tmp_path):
         FilterStateStore(path, FilterParams(l_sp=8))
 
 
-def test_filter_state_store_snapshot_plus_log_restores_the_exact_state(tmp_path):
+def test_filter_state_store_snapshot_plus_log_restores_the_exact_state(store_at):
     """Reloading (snapshot + replayed query log) gives the state a never-stopped filter has."""
     from raymia.defenses.filter import ClientFilterState
     p = FilterParams(n_b=4, l_sp=50)
@@ -353,12 +353,12 @@ def test_filter_state_store_snapshot_plus_log_restores_the_exact_state(tmp_path)
     for i in range(0, 23, 4):                            # some 8-bit images (logged as bytes)
         queries[i] = np.round(queries[i] * 255).astype(np.uint8).astype(np.float32) / 255.0
     ref = ClientFilterState(p)
-    store = FilterStateStore(tmp_path / "s.sqlite", p, snapshot_every=5)
+    store = FilterStateStore(store_at, p, snapshot_every=5)
     for i, q in enumerate(queries):
         want = ref.check(q)
         got = store.check("k", q, f"r{i}")
         assert (got["safe"], got["count"], got["matches"]) == (want.safe, want.count, want.matches)
-        other = FilterStateStore(tmp_path / "s.sqlite", p, snapshot_every=5)     # empty cache: reads the file
+        other = FilterStateStore(store_at, p, snapshot_every=5)     # empty cache: reads the stored state
         assert other._load("k").state.to_bytes() == ref.to_bytes()   # buffer, counter, query count: bit for bit
         other.close()
     assert ref.count > 0 and not ref.blocked
@@ -457,3 +457,32 @@ def test_short_admin_token_is_refused_at_start_up(serve_artifacts):
     import serve as raymia_serve
     with pytest.raises(ConfigError, match="at least 32"):
         raymia_serve.build_app(serve_artifacts[0], "smoke", admin_token="short-token")
+
+
+def test_app_on_postgresql_counts_concurrent_requests_and_keeps_blocks_through_a_shard_kill(
+        serve_app, serve_artifacts, ray_session, pg_url):
+    """The same app with ``serve.state_url`` on the suite's PostgreSQL server and two
+    replicas: 32 concurrent identical queries are served exactly three times, and the block
+    survives the shard actor's death (read back from the database)."""
+    ray = ray_session
+    cfg0, bundle = serve_artifacts
+    x, _ = faces(bundle)
+    cfg = config_from_dict(serve_app.cfg.to_dict())
+    cfg.serve.state_url, cfg.serve.replicas, cfg.serve.replica_cpus = pg_url, 2, 0.5
+    old = serve_app.cfg
+    serve_app.deploy(cfg)
+    try:
+        info = serve_app.admin("GET", "/admin/info").body
+        assert info["plan"]["state_path"] == pg_url          # no password in it: nothing to redact
+        with ThreadPoolExecutor(32) as pool:
+            b = list(pool.map(lambda im: serve_app.client("pg-burst").predict(im).status, [x[12]] * 32))
+        assert sorted(b) == [200] * 3 + [403] * 29
+        st = state(serve_app, "pg-burst")
+        assert st["n_queries"] == 32 and st["blocked"]
+        name = list(dict(serve_app.shard_actors()))[shard_of("pg-burst", cfg.serve.shards)]
+        ray.kill(dict(serve_app.shard_actors())[name])       # for good: a replica re-creates it from the database
+        assert serve_app.client("pg-burst").predict(x[13]).status == 403
+        assert state(serve_app, "pg-burst")["blocked"]
+        assert serve_app.client("pg-other").predict(x[14]).status == 200
+    finally:
+        serve_app.deploy(old)

@@ -18,7 +18,8 @@ from .http import (CLIENT_ID_RE, JPEG_MAGIC, JSON_KEYS, PNG_MAGIC, InputSpec, Re
                    check_admin, check_array, check_client_id, check_content_length, decode_image_bytes,
                    hash_secret, identify, load_api_keys, parse_predict, prediction, secret_matches, too_large)
 from .plan import (RECOMMENDATION, ServeSetupError, ServingPlan, config_from_serve_args, creation_command,
-                   filter_params, load_serving_model, recommendation_path, resolve_plan, state_path)
+                   filter_params, load_serving_model, recommendation_path, resolve_plan, state_locator,
+                   state_path)
 from .store import FilterStateStore, StateConflict, shard_of
 
 _ENDPOINT = ("attack_endpoint", "regular_user")
@@ -37,5 +38,5 @@ __all__ = ["ClientError", "Reply", "ServeClient", "add_client_args", "app_errors
            "check_admin", "check_array", "check_client_id", "check_content_length", "decode_image_bytes",
            "hash_secret", "identify", "load_api_keys", "parse_predict", "prediction", "secret_matches", "too_large",
            "RECOMMENDATION", "ServeSetupError", "ServingPlan", "config_from_serve_args", "creation_command",
-           "filter_params", "load_serving_model", "recommendation_path", "resolve_plan", "state_path",
+           "filter_params", "load_serving_model", "recommendation_path", "resolve_plan", "state_locator", "state_path",
            "FilterStateStore", "StateConflict", "shard_of", *_ENDPOINT]

@@ -32,7 +32,7 @@ class ServingPlan:
     variant: Optional[str]
     alpha: Optional[float]
     alpha_source: str                  # "serve.alpha" | path of recommendation.json | "none"
-    state_path: str                    # SQLite file of the filter states
+    state_path: str                    # the filter states: a SQLite file, or serve.state_url (PostgreSQL)
     model: str                         # combined | target
     combine: Optional[dict] = None     # the config's combine section (rule, gate_tau, gate_temp)
 
@@ -53,6 +53,12 @@ def recommendation_path(cfg: Config) -> Path:
 def state_path(cfg: Config) -> Path:
     s = cfg.serve.state_path
     return Path(s) if s else Path(cfg.run.out_root) / cfg.run.name / "serve" / "filter_state.sqlite"
+
+
+def state_locator(cfg: Config) -> str:
+    """Where the filter states live: ``serve.state_url`` (PostgreSQL) when set, else the
+    absolute path of the SQLite file."""
+    return cfg.serve.state_url or str(state_path(cfg).resolve())
 
 
 def _missing(cfg: Config, what: list[str], where: Path, preset: str) -> ServeSetupError:
@@ -109,7 +115,7 @@ def resolve_plan(cfg: Config, preset: str = "orl") -> ServingPlan:
     s = cfg.serve
     root = Path(cfg.run.out_root) / cfg.run.name / "artifacts"
     target = artifact_dir(cfg, "target")
-    sp = str(state_path(cfg).resolve())
+    sp = state_locator(cfg)
     if s.model == "target":
         if not artifact_exists(target):
             raise _missing(cfg, ["target model R_T"], root, preset)

@@ -1,31 +1,30 @@
-"""The similarity filter's per-client state in one SQLite file (WAL): a snapshot plus an
-append-only query log per client, written in one transaction per batch of checks before
-the verdicts are returned; any number of processes can hold the store and the file stays
-the single source of truth; request ids make a retried check count once.  Operator
+"""The similarity filter's per-client state in one SQLite file (WAL) or one PostgreSQL
+database (:mod:`raymia.serving.backends`): a snapshot plus an append-only query log per
+client, written in one transaction per batch of checks before the verdicts are returned;
+any number of processes (on any number of nodes, with PostgreSQL) can hold the store and
+the database stays the single source of truth; request ids make a retried check count once.  Operator
 side: a bounded (LRU) in-memory cache, TTL purge of inactive unblocked clients, durable
 (fsync'd) blocks, quarantine of corrupt snapshots, the evidence of every match and an
 audit trail (``events`` table plus one JSON log line per event on ``raymia.audit``).
 
-(~600 lines: one SQLite schema and every transaction over it, so that each write path and
-its durability rule read together.)"""
+(~600 lines: every transaction over the one schema, so that each write path and its
+durability rule read together.)"""
 from __future__ import annotations
 
 import contextlib
 import json
 import logging
-import os
-import sqlite3
 import threading
 import time
 import zlib
 from collections import OrderedDict
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Optional, Sequence
 
 import numpy as np
 
 from ..config import ConfigError
+from .backends import open_backend
 
 
 def shard_of(client_id: str, n_shards: int) -> int:
@@ -38,8 +37,8 @@ def _pack_image(image: np.ndarray) -> tuple[int, bytes]:
     replay then gives the same bits), else (0, float32 bytes)."""
     q = np.rint(image * 255.0)
     if q.min() >= 0 and q.max() <= 255 and np.array_equal(q.astype(np.uint8).astype(np.float32) / 255.0, image):
-        return 1, sqlite3.Binary(q.astype(np.uint8).tobytes())
-    return 0, sqlite3.Binary(image.astype("<f4").tobytes())
+        return 1, q.astype(np.uint8).tobytes()
+    return 0, image.astype("<f4").tobytes()
 
 
 def _unpack_image(blob: bytes, u8: int, shape: tuple) -> np.ndarray:
@@ -71,18 +70,6 @@ def state_nbytes(st) -> int:
     return 512 + sum(int(a.nbytes) for a in (sk.img, sk.m1, sk.m1sq, sk.v48, ring.hashes))
 
 
-def _secure_file(path: Path) -> None:
-    """The state file (and SQLite's -wal/-shm, which take its mode) readable by its owner only."""
-    if not path.exists():
-        os.close(os.open(str(path), os.O_CREAT | os.O_RDWR, 0o600))
-    for f in (path, Path(str(path) + "-wal"), Path(str(path) + "-shm")):
-        try:
-            if f.stat().st_mode & 0o077:
-                os.chmod(f, 0o600)
-        except FileNotFoundError:
-            pass
-
-
 class StateConflict(RuntimeError):
     """A client's stored state changed under us (another holder of the store wrote it)."""
 
@@ -97,7 +84,8 @@ class _Entry:
 
 
 class FilterStateStore:
-    """Per-client :class:`~raymia.defenses.filter.ClientFilterState` in one SQLite file (WAL).
+    """Per-client :class:`~raymia.defenses.filter.ClientFilterState` in one SQLite file (WAL)
+    or, for ``path`` a ``postgresql://`` URL, one PostgreSQL database.
 
     Each client has a snapshot (``ClientFilterState.to_bytes``) and an append-only log of
     the queries checked since (one image each); loading replays the log on the snapshot
@@ -122,43 +110,15 @@ class FilterStateStore:
     def __init__(self, path, params, request_ttl_s: float = 600.0, snapshot_every: Optional[int] = None,
                  cache_clients: int = 5000, cache_bytes: int = 512 << 20, client_ttl_s: float = 0.0):
         from ..defenses.filter import ClientFilterState, FilterInputError
-        self.path, self.params, self.ttl = Path(path), params, float(request_ttl_s)
+        self.params, self.ttl = params, float(request_ttl_s)
         self._input_error = FilterInputError
         self.snapshot_every = int(snapshot_every or 2 * params.n_b)
         self._cls = ClientFilterState
         self.cache_clients, self.cache_bytes = int(cache_clients), int(cache_bytes)
         self.client_ttl_s = float(client_ttl_s)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        _secure_file(self.path)
-        self.db = sqlite3.connect(str(self.path), timeout=30.0, isolation_level=None, check_same_thread=False)
-        # 8 KiB pages (new files only): a logged query (1 KiB as 8-bit, 4 KiB as float32 at 32x32)
-        # fits in its leaf page instead of taking an overflow page of its own
-        self.db.execute("PRAGMA page_size=8192")
-        self.db.execute("PRAGMA journal_mode=WAL")
-        # NORMAL: an ordinary commit is not fsync'd (a power loss may undo the counting of the
-        # last queries); a commit that blocks a client is followed by an fsync of the WAL
-        # (_sync) before its verdict leaves, so a block is never lost.
-        self.db.execute("PRAGMA synchronous=NORMAL")
-        self.db.executescript(
-            "CREATE TABLE IF NOT EXISTS clients (client_id TEXT PRIMARY KEY, version INTEGER NOT NULL, "
-            "blocked INTEGER NOT NULL, count INTEGER NOT NULL, n_queries INTEGER NOT NULL, seq INTEGER NOT NULL, "
-            "snap_seq INTEGER NOT NULL, snapshot BLOB NOT NULL, updated REAL NOT NULL);"
-            "CREATE TABLE IF NOT EXISTS log (client_id TEXT NOT NULL, seq INTEGER NOT NULL, c INTEGER NOT NULL, "
-            "h INTEGER NOT NULL, w INTEGER NOT NULL, u8 INTEGER NOT NULL, image BLOB NOT NULL, "
-            "PRIMARY KEY (client_id, seq));"
-            "CREATE TABLE IF NOT EXISTS requests (request_id TEXT PRIMARY KEY, verdict TEXT NOT NULL, "
-            "created REAL NOT NULL);"
-            "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);"
-            "CREATE INDEX IF NOT EXISTS clients_activity ON clients (blocked, updated);"
-            "CREATE TABLE IF NOT EXISTS events (id INTEGER PRIMARY KEY AUTOINCREMENT, at REAL NOT NULL, "
-            "kind TEXT NOT NULL, client_id TEXT, detail TEXT NOT NULL);"
-            "CREATE INDEX IF NOT EXISTS events_client ON events (client_id, id);"
-            "CREATE TABLE IF NOT EXISTS evidence (id INTEGER PRIMARY KEY AUTOINCREMENT, client_id TEXT NOT NULL, "
-            "at REAL NOT NULL, detail TEXT NOT NULL);"
-            "CREATE INDEX IF NOT EXISTS evidence_client ON evidence (client_id, id);"
-            "CREATE TABLE IF NOT EXISTS quarantine (id INTEGER PRIMARY KEY AUTOINCREMENT, client_id TEXT NOT NULL, "
-            "at REAL NOT NULL, error TEXT NOT NULL, row TEXT NOT NULL, snapshot BLOB);")
-        _secure_file(self.path)
+        self.db = open_backend(path)
+        self.where = self.db.where
+        self.path = getattr(self.db, "path", None)     # the SQLite file; None for PostgreSQL
         self.cache: "OrderedDict[str, _Entry]" = OrderedDict()
         self.cache_used = 0                 # bytes of the cached states (state_nbytes)
         self.lock = threading.Lock()
@@ -172,55 +132,44 @@ class FilterStateStore:
     def _check_params(self) -> None:
         mine = json.dumps(self.params.to_dict(), sort_keys=True)     # ssim_window only when not the default
         with self._tx():
+            self.db.execute("INSERT INTO meta VALUES ('filter_params', ?) ON CONFLICT DO NOTHING", (mine,))
             row = self.db.execute("SELECT value FROM meta WHERE key='filter_params'").fetchone()
-            if row is None:
-                self.db.execute("INSERT INTO meta VALUES ('filter_params', ?)", (mine,))
-            elif row[0] != mine:
+            if row[0] != mine:
                 raise ConfigError(
-                    f"the filter state file {self.path} was written with other filter parameters ({row[0]}) than "
-                    f"this app's ({mine}); keep the old parameters, or set serve.state_path to a new file "
-                    "(the old file keeps its clients' blocks)")
+                    f"the filter state store {self.where} was written with other filter parameters ({row[0]}) "
+                    f"than this app's ({mine}); keep the old parameters, or set serve.state_path "
+                    "(serve.state_url) to a new file (database); the old one keeps its clients' blocks")
 
     @contextlib.contextmanager
-    def _tx(self):
-        """One IMMEDIATE transaction (or, inside one already, part of it); audit lines
-        and the durability fsync happen after the outermost commit, never for a rollback."""
+    def _tx(self, clients=()):
+        """One write transaction holding the locks of ``clients`` (or, inside one already,
+        part of it); audit lines happen after the outermost commit, never for a rollback; a
+        commit that blocks a client is durable (the backend's ``commit``) before it returns."""
         if self.db.in_transaction:
+            self.db.lock_clients(clients)
             yield
             return
-        self.db.execute("BEGIN IMMEDIATE")
+        self.db.begin(clients)
         try:
             yield
         except BaseException:
-            self.db.execute("ROLLBACK")
+            self.db.rollback()
             self._pending_audit.clear()
             self._durable = False
             raise
-        self.db.execute("COMMIT")
-        if self._durable:
-            self._durable = False
-            self._sync()
+        durable, self._durable = self._durable, False
+        dt = self.db.commit(durable)
+        if durable:
+            self.stats["fsyncs"] += 1
+            self.stats["fsync_s"] += dt
         lines, self._pending_audit = self._pending_audit, []
         for line in lines:
             audit_log.warning(line)
 
-    def _sync(self) -> None:
-        """fsync the WAL (the commit just written) so that the transition survives a power loss."""
-        t0 = time.perf_counter()
-        try:
-            fd = os.open(str(self.path) + "-wal", os.O_RDONLY)
-        except FileNotFoundError:
-            fd = os.open(str(self.path), os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        self.stats["fsyncs"] += 1
-        self.stats["fsync_s"] += time.perf_counter() - t0
-
     def _audit(self, kind: str, client_id: Optional[str], now: float, **detail) -> None:
         """An audit event (inside the current transaction): a row in ``events`` and, once
         committed, one JSON line on the ``raymia.audit`` logger."""
+        self.db.lock_events()            # event ids commit in order (PostgreSQL)
         self.db.execute("INSERT INTO events (at, kind, client_id, detail) VALUES (?, ?, ?, ?)",
                         (now, kind, client_id, json.dumps(detail, sort_keys=True, default=str)))
         self._pending_audit.append(audit_line(kind, client_id=client_id, **detail))
@@ -284,7 +233,7 @@ class FilterStateStore:
             st.count = int(self.params.l_sp)
         now = time.time()
         msg = f"{type(err).__name__}: {err}"[:500]
-        with self._tx():
+        with self._tx([client_id]):
             n_log = self.db.execute("SELECT count(*) FROM log WHERE client_id=?", (client_id,)).fetchone()[0]
             row = {"version": version, "blocked": blocked, "count": count, "n_queries": nq, "seq": seq,
                    "snap_seq": snap_seq, "updated": updated, "log_rows": n_log}
@@ -293,8 +242,7 @@ class FilterStateStore:
             self.db.execute("DELETE FROM log WHERE client_id=?", (client_id,))
             cur = self.db.execute("UPDATE clients SET version=version+1, count=?, seq=?, snap_seq=?, snapshot=?, "
                                   "updated=? WHERE client_id=? AND version=?",
-                                  (int(st.count), int(seq), int(seq), sqlite3.Binary(st.to_bytes()), now, client_id,
-                                   version))
+                                  (int(st.count), int(seq), int(seq), st.to_bytes(), now, client_id, version))
             if cur.rowcount != 1:
                 raise StateConflict(f"client {client_id!r}: stored version changed during quarantine")
             self._audit("quarantine", client_id, now, error=msg, blocked=bool(blocked), n_queries=int(nq))
@@ -375,12 +323,11 @@ class FilterStateStore:
                 for i, c, at, err, r, n in rows]
 
     def footprint(self, checkpoint: bool = False) -> dict:
-        """Bytes on disk (file + WAL; after a WAL checkpoint when asked) and clients stored."""
-        if checkpoint:
-            with self.lock:
-                self.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-        n = self.db.execute("SELECT count(*) FROM clients").fetchone()[0]
-        size = sum(os.path.getsize(f) for f in (str(self.path), str(self.path) + "-wal") if os.path.exists(f))
+        """Bytes on disk (SQLite: file + WAL, after a WAL checkpoint when asked; PostgreSQL:
+        the tables with indexes and TOAST, after a VACUUM when asked) and clients stored."""
+        with self.lock:
+            size = self.db.nbytes(checkpoint)
+            n = self.db.execute("SELECT count(*) FROM clients").fetchone()[0]
         return {"clients": int(n), "bytes": int(size)}
 
     # -- writing: always inside one IMMEDIATE transaction, so nobody else writes meanwhile
@@ -398,11 +345,11 @@ class FilterStateStore:
         if new:
             blob = st.to_bytes() if snapshot else self._empty_blob
             cur = self.db.execute("INSERT INTO clients VALUES (?, 1, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
-                                  (client_id, *counters, sqlite3.Binary(blob), now))
+                                  (client_id, *counters, blob, now))
         elif snapshot:
             cur = self.db.execute("UPDATE clients SET version=version+1, blocked=?, count=?, n_queries=?, seq=?, "
                                   "snap_seq=?, snapshot=?, updated=? WHERE client_id=? AND version=?",
-                                  (*counters, sqlite3.Binary(st.to_bytes()), now, client_id, e.version))
+                                  (*counters, st.to_bytes(), now, client_id, e.version))
         else:
             cur = self.db.execute("UPDATE clients SET version=version+1, blocked=?, count=?, n_queries=?, seq=?, "
                                   "snap_seq=?, updated=? WHERE client_id=? AND version=?",
@@ -415,7 +362,8 @@ class FilterStateStore:
             u8, blob = _pack_image(image)
             self.db.execute("INSERT INTO log VALUES (?, ?, ?, ?, ?, ?, ?)", (client_id, seq, *image.shape, u8, blob))
         if request_id is not None:
-            self.db.execute("INSERT OR REPLACE INTO requests VALUES (?, ?, ?)", (request_id, json.dumps(verdict), now))
+            self.db.execute("INSERT INTO requests VALUES (?, ?, ?) ON CONFLICT (request_id) DO UPDATE SET "
+                            "verdict=excluded.verdict, created=excluded.created", (request_id, json.dumps(verdict), now))
         self.writes += 1
         return _Entry(e.version + 1, st, seq, snap_seq)
 
@@ -480,7 +428,7 @@ class FilterStateStore:
         with self.lock:
             touched, out, now = set(), [], time.time()
             try:
-                with self._tx():
+                with self._tx([item[0] for item in items]):
                     for item in items:
                         touched.add(item[0])
                         out.append(fn(item, now))
@@ -584,10 +532,12 @@ class FilterStateStore:
                                              "LIMIT ?", (now - older_than_s, int(limit)))]
         if not ids:
             return 0
-        with self._tx():
-            for cid in ids:
-                self.db.execute("DELETE FROM log WHERE client_id=?", (cid,))
-                self.db.execute("DELETE FROM clients WHERE client_id=? AND blocked=0", (cid,))
+        with self._tx(ids):
+            for cid in ids:              # still unblocked and inactive under the lock: then forget it
+                cur = self.db.execute("DELETE FROM clients WHERE client_id=? AND blocked=0 AND updated < ?",
+                                      (cid, now - older_than_s))
+                if cur.rowcount == 1:
+                    self.db.execute("DELETE FROM log WHERE client_id=?", (cid,))
                 self._drop(cid)
             self._audit("purge_inactive", None, now, by=by, clients=len(ids), older_than_s=float(older_than_s))
         self.stats["purged"] += len(ids)
