@@ -28,9 +28,11 @@ from typing import Any, Optional
 import ray
 from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
 
+from raymia.serving.backends import is_postgres
 from raymia.serving.store import FilterStateStore, shard_of
 
 NAMESPACE = "raymia-serve"
+HEAD_RESOURCE = "node:__internal_head__"     # Ray's resource of the head node
 ACTOR_ERRORS = (RayActorError, ActorDiedError, ActorUnavailableError)
 CLEARING_EVENTS = ("unblock", "purge", "purge_inactive")
 
@@ -157,7 +159,10 @@ class ShardRouter:
         self._refresher: Optional[asyncio.Task] = None
 
     def _resolve(self, i: int):
-        return FilterShard.options(name=self.names[i], namespace=NAMESPACE, get_if_exists=True).remote(
+        # A SQLite file lives on one host's local disk: its shard actors run on the head node
+        # (where `serve run` created the file), whichever node asks; PostgreSQL: anywhere.
+        pin = {} if is_postgres(self.state_path) else {"resources": {HEAD_RESOURCE: 0.001}}
+        return FilterShard.options(name=self.names[i], namespace=NAMESPACE, get_if_exists=True, **pin).remote(
             self.state_path, self.params, i, self.n, self.store_opts)
 
     async def call_shard(self, i: int, method: str, *args, timeout_s: Optional[float] = None) -> Any:

@@ -283,3 +283,16 @@ def test_a_holder_killed_mid_write_loses_nothing_it_answered(store_at):
     assert v["n_queries"] == store.get("shared-0")["n_queries"]
     assert time.perf_counter() - t0 < 10.0
     store.close()
+
+
+def test_sqlite_state_on_a_network_file_system_is_refused(tmp_path):
+    from raymia.config import ConfigError
+    from raymia.serving.backends import SqliteBackend, mount_fstype
+    mounts = tmp_path / "mounts"
+    mounts.write_text(f"/dev/vda / ext4 rw 0 0\nfs-1.efs.aws:/ {tmp_path}/shared nfs4 rw 0 0\n")
+    (tmp_path / "shared").mkdir()
+    assert mount_fstype(tmp_path / "shared" / "runs", str(mounts)) == "nfs4"
+    assert mount_fstype(tmp_path / "sharedother", str(mounts)) == "ext4"     # a prefix of the name is not a mount
+    with pytest.raises(ConfigError, match=r"network file system \(nfs4\).*serve.state_url"):
+        SqliteBackend(tmp_path / "shared" / "runs" / "s.sqlite", str(mounts))
+    SqliteBackend(tmp_path / "local.sqlite", str(mounts)).close()

@@ -77,13 +77,41 @@ def open_backend(locator):
     return PostgresBackend(locator) if is_postgres(locator) else SqliteBackend(Path(locator))
 
 
+# file systems on which SQLite's WAL (shared memory, POSIX locks on one host) is unsafe
+NETWORK_FS = {"nfs", "nfs4", "cifs", "smb3", "smbfs", "9p", "fuse.sshfs", "lustre", "ceph", "glusterfs",
+              "fuse.glusterfs", "fuse.s3fs", "fuse.gcsfuse", "afs", "gpfs", "beegfs"}
+
+
+def mount_fstype(path: Path, mounts: str = "/proc/mounts") -> str:
+    """The file-system type of the mount holding ``path`` ("" when unknown)."""
+    try:
+        lines = Path(mounts).read_text().splitlines()
+    except OSError:
+        return ""
+    p, best, kind = str(Path(path).resolve()), -1, ""
+    for line in lines:
+        parts = line.split()
+        if len(parts) < 3:
+            continue
+        mnt = parts[1].replace("\\040", " ")
+        if (p == mnt or p.startswith(mnt.rstrip("/") + "/")) and len(mnt) > best:
+            best, kind = len(mnt), parts[2]
+    return kind
+
+
 class SqliteBackend:
     kind = "sqlite"
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, mounts: str = "/proc/mounts"):
         self.path = Path(path)
         self.where = str(self.path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        fs = mount_fstype(self.path.parent, mounts)
+        if fs in NETWORK_FS:
+            raise ConfigError(
+                f"the filter state file {self.path} is on a network file system ({fs}), where SQLite's WAL can "
+                "corrupt it; set serve.state_path to a local disk (one node) or serve.state_url to a "
+                "postgresql:// database (several nodes)")
         self._secure()
         self.conn = sqlite3.connect(str(self.path), timeout=30.0, isolation_level=None, check_same_thread=False)
         # 8 KiB pages (new files only): a logged query (1 KiB as 8-bit, 4 KiB as float32 at 32x32)
