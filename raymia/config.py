@@ -278,6 +278,45 @@ class FilterCfg:
     hash_size: int = 8            # simple hash: mean intensity after downsampling to this side
     data_range: float = 1.0
     ssim_window: SsimWindow = "uniform7"   # uniform7 = skimage's default SSIM; gaussian11 = Wang et al. / tf.image.ssim
+    # which detector Serve runs: raha = Algorithm 2 exactly as the paper (these fields); robust = the
+    # perceptual-fingerprint detector with a long memory (section robust_filter; not in the paper)
+    kind: Literal["raha", "robust"] = "raha"
+
+
+@dataclass
+class RobustFilterCfg:
+    """The robust stateful detector (raymia.defenses.filter.robust; ``filter.kind: robust``).
+    Defaults: the thresholds ``make red-team`` calibrated on held-out benign traffic of the
+    orl preset (docs/filter.md, "Red team")."""
+    t_bits: int = 6               # near: Hamming distance of the 63-bit fingerprints <= t_bits (min over shifts)
+    l_sp: int = 7                 # strikes (queries near an earlier one) that block the client
+    window: int = 0               # strikes count within the client's last N queries (0 = all)
+    memory: int = 4096            # fingerprints remembered per client (8 bytes each)
+    shift: int = 2                # the query is also fingerprinted shifted by up to this many pixels
+    base: int = 32                # canonical side before fingerprinting
+    grid: int = 14                # side of the averaged central (base - 2 shift) square whose DCT is taken
+    dct: int = 8                  # lowest dct x dct DCT coefficients (minus DC) are the bits
+    data_range: float = 1.0
+    # cross-client window (Sybil ids): refuse a query near the queries of >= cross_k other ids among
+    # the last cross_window queries of all clients; off by default: popular images many users send
+    # trip it (docs/filter.md measures the false positives); API keys are the production answer
+    cross_client: bool = False
+    cross_window: int = 2048
+    cross_k: int = 4
+
+
+@dataclass
+class RedTeamCfg:
+    """The red team of the filters (raymia.filter_sim.redteam, raymia.pipelines.red_team)."""
+    attack_queries: int = 60      # attack queries per near-duplicate strategy
+    benign_sessions: int = 600    # benign sessions per half (calibration half, report half)
+    p_popular: float = 0.3        # chance that a benign session also sends popular images
+    fpr_target: float = 0.01      # calibration: largest share of benign sessions blocked
+    t_bits_grid: list = field(default_factory=lambda: [4, 6, 8, 10])
+    l_sp_grid: list = field(default_factory=lambda: [5, 6, 7, 8])
+    adaptive_candidates: int = 24 # transformations the adaptive attacker tries per query
+    attack_rows: int = 10         # black-box / label-only rows (targets 0.. with one restart each)
+    attack_budget: int = 2000     # their query budgets (both attacks)
 
 
 @dataclass
@@ -348,6 +387,8 @@ class Config:
     resources: ResourcesCfg = field(default_factory=ResourcesCfg)
     serve: ServeCfg = field(default_factory=ServeCfg)
     filter: FilterCfg = field(default_factory=FilterCfg)
+    robust_filter: RobustFilterCfg = field(default_factory=RobustFilterCfg)
+    red_team: RedTeamCfg = field(default_factory=RedTeamCfg)
     filter_sim: FilterSimCfg = field(default_factory=FilterSimCfg)
     filter_sweep: FilterSweepCfg = field(default_factory=FilterSweepCfg)
 
@@ -558,6 +599,18 @@ def _validate_filter(cfg: "Config") -> None:
     from .defenses.filter import FilterParams
     from .paper import PAPER_TABLE1
     FilterParams.from_config(cfg.filter)          # ConfigError "filter: ..." on a bad value
+    from .defenses.filter.robust import RobustParams
+    RobustParams.from_config(cfg.robust_filter)   # ConfigError "robust_filter: ..."
+    rf, rt = cfg.robust_filter, cfg.red_team
+    _check(rf.cross_window >= 1 and rf.cross_k >= 1, "robust_filter.cross_window and robust_filter.cross_k must be >= 1")
+    _check(rt.attack_queries >= 2 and rt.benign_sessions >= 10 and rt.attack_rows >= 1 and rt.attack_budget >= 10,
+           "red_team.attack_queries >= 2, red_team.benign_sessions >= 10, red_team.attack_rows >= 1 and "
+           "red_team.attack_budget >= 10 are required")
+    _check(0.0 <= rt.fpr_target <= 1.0 and 0.0 <= rt.p_popular <= 1.0,
+           "red_team.fpr_target and red_team.p_popular must lie in [0, 1]")
+    _check(bool(rt.t_bits_grid) and bool(rt.l_sp_grid)
+           and all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in rt.t_bits_grid + rt.l_sp_grid),
+           "red_team.t_bits_grid and red_team.l_sp_grid must list integers >= 1")
     f = cfg.filter_sim
     _check(f.max_iters >= 1 and f.trials_per_label >= 1 and f.user_trials_per_label >= 0,
            "filter_sim.max_iters and filter_sim.trials_per_label must be >= 1, filter_sim.user_trials_per_label >= 0")

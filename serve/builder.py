@@ -4,7 +4,6 @@
 the import path; Python code (tests, benchmarks) calls :func:`build_app` with a Config."""
 from __future__ import annotations
 
-import dataclasses
 import os
 import sys
 from typing import Optional
@@ -31,7 +30,7 @@ def build_app(cfg: Config, preset: str = "orl", admin_token: Optional[str] = Non
     if s.use_filter:
         fp = filter_params(cfg)
         FilterStateStore(plan.state_path, fp).close()   # creates the file; refuses changed parameters now
-        params = dataclasses.asdict(fp)
+        params = fp.to_dict()          # with "kind" for the robust detector
     token = admin_token if admin_token is not None else os.environ.get(s.admin_token_env)
     if token is not None and len(token) < s.min_admin_token_chars:
         raise ConfigError(

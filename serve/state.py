@@ -52,7 +52,7 @@ class FilterShard:
     def __init__(self, state_path: str, params: dict, shard: int, n_shards: int, store_opts: Optional[dict] = None):
         import logging
         import sys
-        from raymia.defenses.filter import FilterParams
+        from raymia.defenses.filter.robust import params_from_dict
         audit = logging.getLogger("raymia.audit")
         if not audit.handlers:                 # one JSON line per event in this actor's log
             h = logging.StreamHandler(sys.stderr)
@@ -61,7 +61,7 @@ class FilterShard:
             audit.setLevel(logging.INFO)
             audit.propagate = False
         self.shard, self.n_shards = shard, n_shards
-        self.store = FilterStateStore(state_path, FilterParams(**params), **(store_opts or {}))
+        self.store = FilterStateStore(state_path, params_from_dict(params), **(store_opts or {}))
         self.pings = 0
 
     def _mine(self, client_id: str) -> None:

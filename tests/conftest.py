@@ -94,13 +94,12 @@ class LiveServe:
 
     def shard_actors(self):
         """(name, handle) of every filter shard actor of the current state file."""
-        import dataclasses
 
         import ray
         from raymia.serving.plan import filter_params, state_locator
         from serve.state import NAMESPACE, shard_names
         out = []
-        params = dataclasses.asdict(filter_params(self.cfg))
+        params = filter_params(self.cfg).to_dict()
         for n in shard_names(state_locator(self.cfg), params, self.cfg.serve.shards):
             try:
                 out.append((n, ray.get_actor(n, namespace=NAMESPACE)))

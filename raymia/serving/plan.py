@@ -173,9 +173,13 @@ def load_serving_model(plan: ServingPlan, device="cpu", fold_bn: bool = False):
 
 
 def filter_params(cfg: Config):
-    """The similarity filter's parameters from the config's ``filter`` section (fields of
-    :class:`~raymia.defenses.filter.FilterParams` taken by name)."""
+    """The detector Serve runs (``filter.kind``): Algorithm 2's
+    :class:`~raymia.defenses.filter.FilterParams` from the ``filter`` section, or the robust
+    detector's :class:`~raymia.defenses.filter.robust.RobustParams` from ``robust_filter``."""
     from ..defenses.filter import FilterParams
+    from ..defenses.filter.robust import RobustParams
+    if cfg.filter.kind == "robust":
+        return RobustParams.from_config(cfg.robust_filter)
     return FilterParams.from_config(cfg.filter)
 
 

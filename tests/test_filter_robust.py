@@ -1,0 +1,132 @@
+"""The robust detector (raymia/defenses/filter/robust.py) and the red-team tools
+(raymia/filter_sim/redteam.py) on real ORL faces: fingerprint invariances, blocking the
+near-duplicate strategies that walk around Algorithm 2, benign photos passing, exact
+persistence, the cross-client window, and an attack oracle behind a gate."""
+import numpy as np
+import pytest
+import torch
+
+from raymia.defenses.filter import FilterInputError, FilterParams
+from raymia.defenses.filter.robust import (CrossClientWindow, Fingerprinter, RobustClientState, RobustParams,
+                                           hamming_min, params_from_dict)
+from raymia.filter_sim import redteam as R
+
+
+@pytest.fixture(scope="module")
+def faces(orl_smoke):
+    _, b = orl_smoke
+    x = torch.cat([b.private_test.x, b.eval_test.x]).numpy()
+    y = np.concatenate([b.private_test.y.numpy(), 100 + b.eval_test.y.numpy()])
+    return x, y, b.aux.x.numpy()
+
+
+def dist(p, a, b):
+    f = Fingerprinter(p)
+    return int(hamming_min(f.variants(b), np.array([f.one(a)], np.uint64))[0])
+
+
+def test_fingerprint_ignores_dither_gain_small_shifts_and_separates_people(faces):
+    x, y, _ = faces
+    p = RobustParams()
+    rng = np.random.default_rng(0)
+    for face in x[:20]:
+        assert dist(p, face, np.clip(face + 7 / 255, 0, 1)) == 0                 # one grey-level dither
+        assert dist(p, face, R.photometric(face, 1.15, -0.05)) == 0             # gain and bias
+        assert dist(p, face, R.shift(face, 2, -1)) == 0                          # inside the shift search
+        assert dist(p, face, R.jpeg(face, 60)) <= p.t_bits
+    noisy = [dist(p, f, np.clip(f + rng.normal(0, 0.03, f.shape), 0, 1).astype(np.float32)) for f in x[:40]]
+    assert np.mean(np.array(noisy) <= p.t_bits) >= 0.9
+    n = len(x)
+    other = [dist(p, x[i], x[j]) for i in range(0, n // 2, 2) for j in range(n // 2, n, 5) if y[i] != y[j]]
+    assert len(other) > 100
+    assert np.mean(np.array(other) <= p.t_bits) < 0.02, np.mean(other)      # different people: rarely near
+
+
+def test_near_duplicates_that_walk_around_algorithm2_are_blocked(faces):
+    x, _, aux = faces
+    face = x[0]
+    raha, robust = FilterParams(), RobustParams()
+    for name in ("dither", "photometric", "noise_0.03", "mixed"):
+        make = R.NEAR_DUPLICATES[name][1]
+        for params, limit in ((raha, None), (robust, robust.l_sp + 4)):
+            g = R.Gate(params)
+            res = R.run_stream(g, R.strategy_queries(face, aux, make, 40, 0, False, np.random.default_rng(1)))
+            if params is raha and name in ("dither", "photometric", "noise_0.03"):
+                assert res.answered_attack == 40, (name, res)      # Algorithm 2 never matches them
+            if limit is not None:
+                assert 0 < res.first_refused <= limit, (name, res)
+    # a decoy after every attack query does not reset anything: still blocked after L strikes
+    g = R.Gate(robust)
+    res = R.run_stream(g, R.strategy_queries(face, aux, R.NEAR_DUPLICATES["dither"][1], 40, 1, False,
+                                             np.random.default_rng(2)))
+    assert res.first_refused == robust.l_sp + 1 and res.total_queries_at_block == 2 * robust.l_sp + 1
+
+
+def test_distinct_people_and_a_few_resends_pass(faces):
+    x, y, _ = faces
+    st = RobustClientState(RobustParams())
+    firsts = [x[np.flatnonzero(y == c)[0]] for c in np.unique(y)]
+    assert all(st.check(f).safe for f in firsts)                 # 40 people, one photo each
+    assert st.count <= 1
+    st2 = RobustClientState(RobustParams())
+    for _ in range(3):                                           # the same photo sent three times
+        assert st2.check(firsts[0]).safe
+    assert st2.count == 2 and not st2.blocked
+
+
+def test_state_round_trip_is_exact_and_garbage_is_refused(faces):
+    x, _, _ = faces
+    p = RobustParams(memory=8)
+    st = RobustClientState(p)
+    for i in range(11):                                          # wraps the memory ring
+        st.check(x[i % 4])
+    b = st.to_bytes()
+    back = RobustClientState.from_bytes(b)
+    assert back.to_bytes() == b and back.count == st.count and back.n_queries == 11
+    assert np.array_equal(back.memory(), st.memory())
+    assert back.check(x[2]).safe == st.check(x[2]).safe
+    bad = bytearray(b)
+    bad[len(bad) // 2] ^= 1
+    with pytest.raises(FilterInputError, match="checksum"):
+        RobustClientState.from_bytes(bytes(bad))
+    before = st.to_bytes()
+    for q in (np.full((1, 32, 32), np.nan, np.float32), np.zeros((1, 16, 16), np.float32), "x"):
+        with pytest.raises(FilterInputError):
+            st.check(q)
+    assert st.to_bytes() == before
+    assert params_from_dict(p.to_dict()) == p and params_from_dict(FilterParams().to_dict()) == FilterParams()
+    with pytest.raises(ValueError, match="dct"):
+        RobustParams(dct=9)
+
+
+def test_cross_client_window_stops_fresh_ids_but_not_copies_of_one_file(faces):
+    x, _, aux = faces
+    p = RobustParams()
+    g = R.Gate(p, CrossClientWindow(p, size=512, k=4))
+    res = R.run_stream(g, R.strategy_queries(x[0], aux, R.NEAR_DUPLICATES["noise_0.03"][1], 40, 0, True,
+                                             np.random.default_rng(3)))
+    assert res.answered_attack <= 8, res                         # k others, then refused
+    assert not any(g.blocked(f"attacker-{i}") for i in range(40))   # refused, nobody blocked
+    g2 = R.Gate(p, CrossClientWindow(p, size=512, k=4))
+    popular = R.to_u8(x[5])
+    assert all(g2.ask(f"fan-{i}", popular) for i in range(30))  # one popular file, thirty users
+
+
+def test_gated_oracle_ends_a_row_at_the_first_refusal(faces):
+    from raymia.attacks.oracle import InProcessOracle
+    x, _, _ = faces
+
+    class Const(torch.nn.Module):
+        def forward(self, t):
+            return torch.full((t.shape[0], 3), 1 / 3)
+    inner = InProcessOracle(Const(), 2, 3)
+    p = RobustParams()
+    o = R.GatedOracle(inner, R.Gate(p), ["a", "b"])
+    same = torch.from_numpy(np.stack([x[0]] * 10))
+    distinct = torch.from_numpy(np.stack([x[i * 3] for i in range(10)]))
+    rep = o.query(torch.cat([same, distinct]), [0] * 10 + [1] * 10)
+    ok = rep.answered.numpy()
+    assert ok[:p.l_sp].all() and not ok[p.l_sp:10].any()       # the (L+1)-th copy is the L-th strike
+    assert o.blocked_at[0] == p.l_sp + 1 and o.answered[0] == p.l_sp and o.sent[0] == p.l_sp + 1
+    assert ok[10:].all() and o.answered[1] == 10 and not o.blocked[1]
+    assert (inner.answered == o.answered).all()
