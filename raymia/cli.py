@@ -92,3 +92,13 @@ def study(argv=None):
     from .pipelines import study as pipeline
     args = parser(study.__doc__, "<out_root>/<run.name>/study").parse_args(argv)
     return pipeline.run(config_from_args(args), args.out, args.address)
+
+
+@_entry
+def red_team(argv=None):
+    """Red team of the filters: calibrate the robust detector on benign traffic, then every evasion strategy and query attack."""
+    from .pipelines import red_team as pipeline
+    p = parser(red_team.__doc__, "<out_root>/<run.name>/red_team")
+    p.add_argument("--no-attacks", action="store_true", help="skip the black-box and label-only attacks (no models needed)")
+    args = p.parse_args(argv)
+    return pipeline.run(config_from_args(args), args.out, args.address, attacks=not args.no_attacks)

@@ -288,14 +288,14 @@ class RobustFilterCfg:
     """The robust stateful detector (raymia.defenses.filter.robust; ``filter.kind: robust``).
     Defaults: the thresholds ``make red-team`` calibrated on held-out benign traffic of the
     orl preset (docs/filter.md, "Red team")."""
-    t_bits: int = 6               # near: Hamming distance of the 63-bit fingerprints <= t_bits (min over shifts)
-    l_sp: int = 7                 # strikes (queries near an earlier one) that block the client
+    t_bits: int = 16              # near: Hamming distance of the 120-bit fingerprints <= t_bits (min over shifts)
+    l_sp: int = 6                 # strikes (queries near an earlier one) that block the client
     window: int = 0               # strikes count within the client's last N queries (0 = all)
-    memory: int = 4096            # fingerprints remembered per client (8 bytes each)
+    memory: int = 4096            # fingerprints remembered per client (16 bytes each)
     shift: int = 2                # the query is also fingerprinted shifted by up to this many pixels
     base: int = 32                # canonical side before fingerprinting
     grid: int = 14                # side of the averaged central (base - 2 shift) square whose DCT is taken
-    dct: int = 8                  # lowest dct x dct DCT coefficients (minus DC) are the bits
+    dct: int = 11                 # lowest dct x dct DCT coefficients (minus DC) are the bits
     data_range: float = 1.0
     # cross-client window (Sybil ids): refuse a query near the queries of >= cross_k other ids among
     # the last cross_window queries of all clients; off by default: popular images many users send
@@ -311,9 +311,11 @@ class RedTeamCfg:
     attack_queries: int = 60      # attack queries per near-duplicate strategy
     benign_sessions: int = 600    # benign sessions per half (calibration half, report half)
     p_popular: float = 0.3        # chance that a benign session also sends popular images
+    p_heavy: float = 0.05         # chance that a benign session is a heavy user (40-120 distinct images)
     fpr_target: float = 0.01      # calibration: largest share of benign sessions blocked
-    t_bits_grid: list = field(default_factory=lambda: [4, 6, 8, 10])
-    l_sp_grid: list = field(default_factory=lambda: [5, 6, 7, 8])
+    t_bits_grid: list = field(default_factory=lambda: [12, 16, 20, 24])
+    l_sp_grid: list = field(default_factory=lambda: [4, 6, 8, 12])
+    window_grid: list = field(default_factory=lambda: [0, 100, 30])   # 0 = strikes never expire
     adaptive_candidates: int = 24 # transformations the adaptive attacker tries per query
     attack_rows: int = 10         # black-box / label-only rows (targets 0.. with one restart each)
     attack_budget: int = 2000     # their query budgets (both attacks)
@@ -606,8 +608,10 @@ def _validate_filter(cfg: "Config") -> None:
     _check(rt.attack_queries >= 2 and rt.benign_sessions >= 10 and rt.attack_rows >= 1 and rt.attack_budget >= 10,
            "red_team.attack_queries >= 2, red_team.benign_sessions >= 10, red_team.attack_rows >= 1 and "
            "red_team.attack_budget >= 10 are required")
-    _check(0.0 <= rt.fpr_target <= 1.0 and 0.0 <= rt.p_popular <= 1.0,
-           "red_team.fpr_target and red_team.p_popular must lie in [0, 1]")
+    _check(0.0 <= rt.fpr_target <= 1.0 and 0.0 <= rt.p_popular <= 1.0 and 0.0 <= rt.p_heavy <= 1.0,
+           "red_team.fpr_target, red_team.p_popular and red_team.p_heavy must lie in [0, 1]")
+    _check(bool(rt.window_grid) and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0
+                                        for v in rt.window_grid), "red_team.window_grid must list integers >= 0")
     _check(bool(rt.t_bits_grid) and bool(rt.l_sp_grid)
            and all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in rt.t_bits_grid + rt.l_sp_grid),
            "red_team.t_bits_grid and red_team.l_sp_grid must list integers >= 1")

@@ -160,16 +160,30 @@ STREAMS: Dict[str, Tuple[str, int, bool]] = {
 }
 
 
+_DECOY_MOVES = [(flip, dy, dx) for flip in (False, True) for dy in (0, 6, -6) for dx in (0, 6, -6)]
+
+
+def decoy(pool: np.ndarray, j: int) -> np.ndarray:
+    """The j-th decoy: pool image j mod n, mirrored and/or moved by 6 px on later passes
+    through the pool (18 distinct versions per image, none near another for the detector),
+    so that an attacker's decoys are never repeats of each other."""
+    flip, dy, dx = _DECOY_MOVES[(j // len(pool)) % len(_DECOY_MOVES)]
+    im = pool[j % len(pool)]
+    im = im[:, :, ::-1] if flip else im
+    return to_u8(shift(np.ascontiguousarray(im), dy, dx)).astype(np.float32)
+
+
 def strategy_queries(face: np.ndarray, decoys: np.ndarray, make: Callable, n_attack: int, n_decoys: int,
                      fresh_ids: bool, rng: np.random.Generator, client: str = "attacker"
                      ) -> List[Tuple[str, np.ndarray, bool]]:
-    """The query stream: (client id, image, is an attack query)."""
-    out = []
+    """The query stream: (client id, image, is an attack query); the decoys are distinct
+    images (:func:`decoy`, in a random order of the pool)."""
+    out, order, j = [], rng.permutation(len(decoys)), 0
     for i in range(n_attack):
         out.append((f"{client}-{i}" if fresh_ids else client, make(face, i, rng).astype(np.float32), True))
         for _ in range(n_decoys):
-            d = decoys[int(rng.integers(len(decoys)))]
-            out.append((client, to_u8(d).astype(np.float32), False))
+            out.append((client, decoy(decoys[order], j), False))
+            j += 1
     return out
 
 
@@ -215,7 +229,7 @@ def adaptive_queries(face: np.ndarray, params: RobustParams, n_attack: int, rng:
             im = scale(im, float(1 + rng.uniform(-0.15, 0.15) * s))
             im = photometric(im, float(1 + rng.uniform(-0.2, 0.2) * s), float(rng.uniform(-0.08, 0.08) * s))
             im = to_u8(np.clip(im + rng.normal(0, 0.03 * s, im.shape), 0, 1)).astype(np.float32)
-            d = int(hamming_min(fp.variants(im), np.asarray(sent, np.uint64)).min()) if sent else 64
+            d = int(hamming_min(fp.variants(im), np.asarray(sent, np.uint64)).min()) if sent else fp.nbits
             q = float(structural_similarity(face[0], im[0], data_range=1.0))
             key = (d > params.t_bits, q if d > params.t_bits else d)
             if best is None or key > best[0]:
@@ -267,15 +281,22 @@ class GatedOracle(Oracle):
 # ----------------------------------------------------------------------------- benign traffic
 
 def benign_sessions(photos: Dict[Hashable, np.ndarray], popular: np.ndarray, n: int, rng: np.random.Generator,
-                    p_popular: float = 0.3) -> List[List[np.ndarray]]:
+                    p_popular: float = 0.3, p_heavy: float = 0.05, heavy: Tuple[int, int] = (40, 120)
+                    ) -> List[List[np.ndarray]]:
     """``n`` benign sessions.  ``photos``: identity -> its photos (k, C, H, W); ``popular``:
     images that many users send.  Each session is one user: 1-3 photos of one identity, each
     sent 1-3 times (a re-send is the same PNG, a JPEG re-encode, a 1-2 px re-crop or a 24-30
     px crop resized back), plus with probability ``p_popular`` one or two popular images
-    (themselves sometimes re-encoded)."""
+    (themselves sometimes re-encoded).  With probability ``p_heavy`` the user is a heavy one
+    instead (a photo-tagging client): ``heavy`` (min, max) distinct images of everyone."""
     ids = list(photos)
+    every = np.concatenate([photos[k] for k in ids] + [popular])
     out = []
     for _ in range(n):
+        if rng.random() < p_heavy:
+            k = int(rng.integers(heavy[0], min(heavy[1], len(every)) + 1))
+            out.append([to_u8(every[i]).astype(np.float32) for i in rng.choice(len(every), k, replace=False)])
+            continue
         pid = ids[int(rng.integers(len(ids)))]
         mine = photos[pid]
         k = int(rng.integers(1, min(3, len(mine)) + 1))

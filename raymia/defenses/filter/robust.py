@@ -8,11 +8,11 @@ compares queries where such changes do not move them:
   a canonical ``base`` side, standardised (zero mean, unit variance: brightness and contrast
   changes vanish), its central square averaged down to a ``grid`` x ``grid`` image (noise and JPEG artefacts
   average out), its 2-D DCT's lowest ``dct`` x ``dct`` coefficients without the DC term, each
-  one bit (above or below their median): 63 bits in one ``uint64`` for the defaults.
+  one bit (above or below their median): 120 bits in two ``uint64`` words for the defaults.
 * **Shift search**: the query is fingerprinted at every shift of up to ``shift`` pixels in
   each direction (windows of the central square, no padding), and its distance to a remembered query is the smallest
   Hamming distance over those variants, so re-cropping by a few pixels does not help.
-* **Long memory**: the fingerprints of the client's last ``memory`` answered queries (8 bytes
+* **Long memory**: the fingerprints of the client's last ``memory`` answered queries (16 bytes
   each; 4096 by default), compared with XOR + popcount in one vectorised pass.
 * **Strikes**: a query within ``t_bits`` of any remembered one is a strike; ``l_sp`` strikes
   (within the last ``window`` queries, 0 = ever) block the client for good, as Algorithm 1
@@ -59,16 +59,16 @@ class RobustParams:
              is taken of its central (base - 2 shift) square, so a shift of up to ``shift``
              pixels brings no border pixel in (the shifted variants are exact)
     grid     side of the averaged image whose DCT is taken (divides base - 2 shift)
-    dct      side of the block of lowest DCT coefficients kept (dct*dct - 1 bits <= 64)
+    dct      side of the block of lowest DCT coefficients kept (dct*dct - 1 bits)
     """
-    t_bits: int = 6
-    l_sp: int = 7
+    t_bits: int = 16
+    l_sp: int = 6
     window: int = 0
     memory: int = 4096
     shift: int = 2
     base: int = 32
     grid: int = 14
-    dct: int = 8
+    dct: int = 11
     data_range: float = 1.0
     max_side: int = 1024
     max_channels: int = 4
@@ -88,8 +88,8 @@ class RobustParams:
         if not _is_real(self.data_range) or float(self.data_range) <= 0:
             bad.append(f"data_range must be a finite number > 0, got {self.data_range!r}")
         if not bad:
-            if self.dct * self.dct - 1 > 64 or self.dct < 2:
-                bad.append(f"dct must be 2..8 (dct*dct - 1 bits in one uint64), got {self.dct}")
+            if self.dct < 2:
+                bad.append(f"dct must be >= 2, got {self.dct}")
             inner = self.base - 2 * self.shift
             if inner < self.dct or self.grid < self.dct or inner % self.grid:
                 bad.append(f"grid must be >= dct and divide base - 2 shift, got grid {self.grid}, "
@@ -99,8 +99,13 @@ class RobustParams:
         object.__setattr__(self, "data_range", float(self.data_range))
 
     @property
+    def words(self) -> int:
+        """uint64 words per fingerprint."""
+        return (self.dct * self.dct - 1 + 63) // 64
+
+    @property
     def snapshot_every(self) -> int:
-        """Stored snapshots of this state are small (8 bytes per remembered query)."""
+        """Stored snapshots of this state are small (8 bytes per word per remembered query)."""
         return 64
 
     @classmethod
@@ -173,10 +178,10 @@ class Fingerprinter:
         s = p.shift
         self.offsets = [(dy, dx) for dy in range(-s, s + 1) for dx in range(-s, s + 1)]
         self.centre = self.offsets.index((0, 0))
-        self.weights = (1 << np.arange(p.dct * p.dct - 2, -1, -1, dtype=np.uint64)).astype(np.uint64)
+        self.nbits = p.dct * p.dct - 1
 
     def variants(self, q: np.ndarray) -> np.ndarray:
-        """(n_variants,) uint64 fingerprints of ``q`` (C, H, W) in [0, data_range]."""
+        """(n_variants, words) uint64 fingerprints of ``q`` (C, H, W) in [0, data_range]."""
         p = self.p
         g = _resize(q.mean(0, dtype=np.float64) / p.data_range, p.base)
         s, inner = p.shift, p.base - 2 * p.shift
@@ -187,17 +192,22 @@ class Fingerprinter:
         small = stack.reshape(len(stack), p.grid, k, p.grid, k).mean((2, 4))
         coef = np.einsum("ij,njk,lk->nil", self.d, small, self.d).reshape(len(stack), -1)[:, 1:]
         bits = coef > np.median(coef, axis=1, keepdims=True)
-        return (bits.astype(np.uint64) * self.weights).sum(1, dtype=np.uint64)
+        pad = np.zeros((len(bits), self.p.words * 64), bool)
+        pad[:, :self.nbits] = bits
+        return np.packbits(pad, axis=1).view(">u8").astype(np.uint64)
 
-    def one(self, q: np.ndarray) -> int:
-        return int(self.variants(q)[self.centre])
+    def one(self, q: np.ndarray) -> np.ndarray:
+        """The unshifted fingerprint, (words,) uint64."""
+        return self.variants(q)[self.centre]
 
 
 def hamming_min(variants: np.ndarray, memory: np.ndarray) -> np.ndarray:
-    """For every remembered fingerprint, the smallest Hamming distance to any variant."""
-    if memory.size == 0:
+    """For every remembered fingerprint (M, words), the smallest Hamming distance to any of
+    the query's variants (V, words)."""
+    memory = np.asarray(memory, np.uint64).reshape(-1, variants.shape[-1])
+    if memory.shape[0] == 0:
         return np.zeros(0, np.int64)
-    return np.bitwise_count(variants[:, None] ^ memory[None, :]).min(0).astype(np.int64)
+    return np.bitwise_count(variants[:, None, :] ^ memory[None, :, :]).sum(-1).min(0).astype(np.int64)
 
 
 # ----------------------------------------------------------------------------- per client
@@ -213,7 +223,7 @@ class RobustClientState:
         self.n_queries = 0
         self.strikes: List[int] = []         # query numbers of the last l_sp strikes
         self._shape: Optional[Tuple[int, int, int]] = None
-        self._mem = np.zeros(params.memory, np.uint64)
+        self._mem = np.zeros((params.memory, params.words), np.uint64)
         self._n = 0                          # fingerprints remembered
         self._head = 0                       # next slot of the ring
         self._fp = Fingerprinter(params)
@@ -274,7 +284,7 @@ class RobustClientState:
                   "strikes": self.strikes, "shape": None if self._shape is None else list(self._shape),
                   "len": self._n}
         hb = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
-        body = _MAGIC + struct.pack("<I", len(hb)) + hb + self.memory().astype("<u8").tobytes()
+        body = _MAGIC + struct.pack("<I", len(hb)) + hb + np.ascontiguousarray(self.memory()).astype("<u8").tobytes()
         return body + hashlib.blake2b(body, digest_size=_DIGEST).digest()
 
     @classmethod
@@ -305,11 +315,11 @@ class RobustClientState:
         except (UnicodeDecodeError, ValueError, KeyError, TypeError):
             raise FilterInputError(f"{fail} (header)") from None
         raw = body[off + hlen:]
-        if not ok or len(raw) != 8 * n:
+        if not ok or len(raw) != 8 * n * st.params.words:
             raise FilterInputError(f"{fail} (counters or memory size out of range)")
         st.count, st.n_queries, st.strikes = count, nq, list(strikes)
         st._shape = None if shape is None else tuple(int(v) for v in shape)
-        st._mem[:n] = np.frombuffer(raw, dtype="<u8")
+        st._mem[:n] = np.frombuffer(raw, dtype="<u8").reshape(n, st.params.words)
         st._n, st._head = n, n % st.params.memory
         return st
 
@@ -338,7 +348,7 @@ class CrossClientWindow:
         if not _is_int(size) or size < 1 or not _is_int(k) or k < 1:
             raise ValueError(f"size and k must be integers >= 1, got {size!r}, {k!r}")
         self.params, self.size, self.k = params, int(size), int(k)
-        self._mem = np.zeros(self.size, np.uint64)
+        self._mem = np.zeros((self.size, params.words), np.uint64)
         self._owner: List[Optional[Hashable]] = [None] * self.size
         self._digest = np.zeros(self.size, np.uint64)
         self._n = self._head = 0
