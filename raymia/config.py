@@ -309,6 +309,7 @@ class RobustFilterCfg:
 class RedTeamCfg:
     """The red team of the filters (raymia.filter_sim.redteam, raymia.pipelines.red_team)."""
     attack_queries: int = 60      # attack queries per near-duplicate strategy
+    faces: int = 5                # faces each strategy is run on (the first photo of the first identities)
     benign_sessions: int = 600    # benign sessions per half (calibration half, report half)
     p_popular: float = 0.3        # chance that a benign session also sends popular images
     p_heavy: float = 0.05         # chance that a benign session is a heavy user (40-120 distinct images)

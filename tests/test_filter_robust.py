@@ -130,3 +130,36 @@ def test_gated_oracle_ends_a_row_at_the_first_refusal(faces):
     assert o.blocked_at[0] == p.l_sp + 1 and o.answered[0] == p.l_sp and o.sent[0] == p.l_sp + 1
     assert ok[10:].all() and o.answered[1] == 10 and not o.blocked[1]
     assert (inner.answered == o.answered).all()
+
+
+def test_red_team_pipeline_on_smoke(smoke_runs, tmp_path):
+    """The red-team job end to end on the smoke preset (small grids, two attack rows): the
+    calibration is chosen on one half and reported on the other, the robust detector stops
+    the dither that Algorithm 2 lets through, and the query attacks run behind each gate with
+    exact accounting."""
+    import pandas as pd
+
+    from raymia.config import load_config
+    from raymia.pipelines import red_team
+    cfg = load_config("smoke", [f"run.out_root={smoke_runs}", "red_team.benign_sessions=80", "red_team.attack_queries=12",
+                                "red_team.faces=2", "red_team.t_bits_grid=[12,20]", "red_team.l_sp_grid=[6]",
+                                "red_team.window_grid=[0,30]", "red_team.attack_rows=2", "red_team.attack_budget=120",
+                                "red_team.adaptive_candidates=4"])
+    out = red_team.run(cfg, str(tmp_path / "rt"))
+    for f in ("calibration.csv", "benign_fpr.csv", "strategies.csv", "adaptive.csv", "attacks.csv", "red_team.md",
+              "robust_filter.json", "config.yaml", "run.json"):
+        assert (out / f).exists(), f
+    cal = pd.read_csv(out / "calibration.csv")
+    assert len(cal) == 4 and set(cal.t_bits) == {12, 20}
+    fpr = pd.read_csv(out / "benign_fpr.csv")
+    assert list(fpr["filter"]) == ["raha", "robust", "robust+cross"] and (fpr.sessions == 80).all()
+    assert (fpr.fpr_blocked_lo <= fpr.fpr_blocked).all() and (fpr.fpr_blocked <= fpr.fpr_blocked_hi).all()
+    st = pd.read_csv(out / "strategies.csv")
+    plain = st[(st.strategy == "dither") & (st["stream"] == "plain")].set_index(["filter", "face"]).answered
+    assert (plain["raha"] == 12).all() and (plain["robust"] <= 6).all()
+    att = pd.read_csv(out / "attacks.csv")
+    assert set(att["filter"]) == {"none", "raha", "robust", "robust+cross"} and len(att) == 2 * 4 * 2
+    assert (att.answered <= 120).all()
+    free = att[att["filter"] == "none"]
+    assert (free.blocked_at == 0).all()
+    assert "success_top5" in att.columns

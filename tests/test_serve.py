@@ -486,3 +486,35 @@ def test_app_on_postgresql_counts_concurrent_requests_and_keeps_blocks_through_a
         assert serve_app.client("pg-other").predict(x[14]).status == 200
     finally:
         serve_app.deploy(old)
+
+
+def test_robust_filter_in_key_mode_blocks_dither_and_nobody_can_block_another_client(serve_app, serve_artifacts,
+                                                                                       tmp_path):
+    """``filter.kind=robust`` with API keys (the production setting): the one-grey-level
+    dither that Algorithm 2 never matches is refused at the (L+1)-th query; mallory naming
+    alice in X-Client-Id changes nothing for alice (identity comes from the key); alice's
+    distinct photos pass."""
+    from raymia.serving.client import ServeClient
+    _, bundle = serve_artifacts
+    x, _ = faces(bundle)
+    keys = tmp_path / "keys.yaml"
+    keys.write_text("key-of-alice-123: alice\nkey-of-mallory-99: mallory\n")
+    original = serve_app.cfg
+    cfg = config_from_dict(original.to_dict())
+    cfg.serve.api_keys_file, cfg.filter.kind = str(keys), "robust"
+    cfg.serve.state_path = str(tmp_path / "robust_state.sqlite")
+    L = cfg.robust_filter.l_sp
+    try:
+        serve_app.deploy(cfg)
+        assert serve_app.admin("GET", "/admin/info").body["filter_params"]["kind"] == "robust"
+        mallory = ServeClient(serve_app.url, "alice", "key-of-mallory-99")      # claims to be alice
+        face = np.round(x[15] * 255) / 255
+        statuses = [mallory.predict(np.clip(face + (i % 11) / 255, 0, 1).astype(np.float32)).status
+                    for i in range(L + 3)]
+        assert statuses == [200] * L + [403] * 3
+        assert state(serve_app, "mallory")["blocked"] and state(serve_app, "alice") is None
+        alice = serve_app.client(api_key="key-of-alice-123")
+        assert [alice.predict(img).status for img in x[0:30:3]] == [200] * 10
+        assert not state(serve_app, "alice")["blocked"]
+    finally:
+        serve_app.deploy(original)

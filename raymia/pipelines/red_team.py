@@ -231,7 +231,7 @@ def run(cfg: Config, out: Optional[str] = None, address: Optional[str] = None, a
     gates = _gates(cfg, robust)
     fpr = pd.DataFrame(_fpr_rows(gates, rep))
     fpr.to_csv(run_dir / "benign_fpr.csv", index=False)
-    faces = np.stack([photos[k][0] for k in sorted(photos)[:5]])       # five targets' first photos
+    faces = np.stack([photos[k][0] for k in sorted(photos)[:rt.faces]])   # the first identities' first photos
     strat = pd.DataFrame(strategy_rows(gates, faces, decoys, rt.attack_queries, cfg.run.seed))
     strat.to_csv(run_dir / "strategies.csv", index=False)
     say(f"{len(strat)} strategy runs ({time.time() - t0:.0f}s)")
