@@ -296,3 +296,32 @@ def test_sqlite_state_on_a_network_file_system_is_refused(tmp_path):
     with pytest.raises(ConfigError, match=r"network file system \(nfs4\).*serve.state_url"):
         SqliteBackend(tmp_path / "shared" / "runs" / "s.sqlite", str(mounts))
     SqliteBackend(tmp_path / "local.sqlite", str(mounts)).close()
+
+
+def test_store_keeps_the_robust_detector_exactly(store_at):
+    """``filter.kind: robust`` in the store: snapshot + replayed log give the state a
+    never-stopped detector has, bit for bit, and its block survives a reopen."""
+    from raymia.defenses.filter.robust import RobustClientState, RobustParams
+    p = RobustParams(memory=16)
+    rng = np.random.default_rng(9)
+    face = u8(rng)
+    queries = [u8(rng) if i % 3 else np.clip(face + (i % 5) / 255.0, 0, 1).astype(np.float32) for i in range(90)]
+    ref = RobustClientState(p)
+    store = FilterStateStore(store_at, p)
+    for i, q in enumerate(queries):
+        want = ref.check(q)
+        got = store.check("r", q, f"q{i}")
+        assert (got["safe"], got["count"]) == (want.safe, want.count)
+        if i % 29 == 0 or want.blocked:
+            other = FilterStateStore(store_at, p)
+            assert other._load("r").state.to_bytes() == ref.to_bytes()
+            other.close()
+        if want.blocked:
+            break
+    assert ref.blocked and store.why("r")["thresholds"]["t_bits"] == p.t_bits
+    store.close()
+    again = FilterStateStore(store_at, p)
+    assert again.get("r")["blocked"] and not again.check("r", u8(rng))["safe"]
+    again.close()
+    with pytest.raises(Exception, match="other filter parameters"):
+        FilterStateStore(store_at, FilterParams())

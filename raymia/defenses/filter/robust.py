@@ -31,18 +31,15 @@ compares queries where such changes do not move them:
 from __future__ import annotations
 
 import hashlib
-import json
-import struct
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Hashable, List, Optional, Tuple
 
 import numpy as np
 
 from .params import FilterInputError, FilterResult, _is_int, _is_real, _validate_query
+from .state import seal, unseal
 
 _MAGIC = b"RMRB1"
-_DIGEST = 16
-_MAX_HEADER = 1 << 16
 
 
 @dataclass(frozen=True)
@@ -283,26 +280,13 @@ class RobustClientState:
         header = {"params": self.params.to_dict(), "count": self.count, "n_queries": self.n_queries,
                   "strikes": self.strikes, "shape": None if self._shape is None else list(self._shape),
                   "len": self._n}
-        hb = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
-        body = _MAGIC + struct.pack("<I", len(hb)) + hb + np.ascontiguousarray(self.memory()).astype("<u8").tobytes()
-        return body + hashlib.blake2b(body, digest_size=_DIGEST).digest()
+        return seal(_MAGIC, header, np.ascontiguousarray(self.memory()).astype("<u8").tobytes())
 
     @classmethod
     def from_bytes(cls, data: Any) -> "RobustClientState":
-        if not isinstance(data, (bytes, bytearray, memoryview)):
-            raise FilterInputError(f"filter state must be bytes, got {type(data).__name__}")
-        b, fail = bytes(data), "not a raymia robust filter state"
-        if len(b) < len(_MAGIC) + 4 + _DIGEST or not b.startswith(_MAGIC):
-            raise FilterInputError(f"{fail} (bad magic or too short)")
-        body, digest = b[:-_DIGEST], b[-_DIGEST:]
-        if hashlib.blake2b(body, digest_size=_DIGEST).digest() != digest:
-            raise FilterInputError(f"{fail} (checksum mismatch: truncated or modified)")
-        (hlen,) = struct.unpack_from("<I", body, len(_MAGIC))
-        off = len(_MAGIC) + 4
-        if hlen > _MAX_HEADER or off + hlen > len(body):
-            raise FilterInputError(f"{fail} (bad header length)")
+        fail = "not a raymia robust filter state"
+        h, raw = unseal(data, _MAGIC, fail)
         try:
-            h = json.loads(body[off:off + hlen].decode())
             pd_ = dict(h["params"])
             if pd_.pop("kind", None) != "robust":
                 raise ValueError("kind")
@@ -314,7 +298,6 @@ class RobustClientState:
                   and (shape is None or (isinstance(shape, list) and len(shape) == 3)))
         except (UnicodeDecodeError, ValueError, KeyError, TypeError):
             raise FilterInputError(f"{fail} (header)") from None
-        raw = body[off + hlen:]
         if not ok or len(raw) != 8 * n * st.params.words:
             raise FilterInputError(f"{fail} (counters or memory size out of range)")
         st.count, st.n_queries, st.strikes = count, nq, list(strikes)

@@ -86,6 +86,35 @@ _DIGEST = 16
 _MAX_HEADER = 1 << 16
 
 
+def seal(magic: bytes, header: dict, payload: bytes) -> bytes:
+    """A serialised filter state: magic, JSON header (length-prefixed), payload, blake2b digest."""
+    hb = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
+    body = magic + struct.pack("<I", len(hb)) + hb + payload
+    return body + hashlib.blake2b(body, digest_size=_DIGEST).digest()
+
+
+def unseal(data: Any, magic: bytes, fail: str) -> Tuple[Any, bytes]:
+    """Inverse of :func:`seal`: (header, payload), or :class:`FilterInputError` for anything
+    that is not bytes of that kind with an intact digest and a JSON header."""
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise FilterInputError(f"filter state must be bytes, got {type(data).__name__}")
+    b = bytes(data)
+    if len(b) < len(magic) + 4 + _DIGEST or not b.startswith(magic):
+        raise FilterInputError(f"{fail} (bad magic or too short)")
+    body, digest = b[:-_DIGEST], b[-_DIGEST:]
+    if hashlib.blake2b(body, digest_size=_DIGEST).digest() != digest:
+        raise FilterInputError(f"{fail} (checksum mismatch: truncated or modified)")
+    (hlen,) = struct.unpack_from("<I", body, len(magic))
+    off = len(magic) + 4
+    if hlen > _MAX_HEADER or off + hlen > len(body):
+        raise FilterInputError(f"{fail} (bad header length)")
+    try:
+        header = json.loads(body[off:off + hlen].decode())
+    except (UnicodeDecodeError, ValueError):
+        raise FilterInputError(f"{fail} (header is not JSON)") from None
+    return header, body[off + hlen:]
+
+
 class ClientFilterState:
     """Filter state of one client session (Algorithm 1's buffer B and counter).
 
@@ -167,32 +196,14 @@ class ClientFilterState:
             "shape": None if self._ring is None else list(self._ring.shape),
             "len": len(self),
         }
-        hb = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
-        body = _MAGIC + struct.pack("<I", len(hb)) + hb
-        if len(self):
-            body += np.ascontiguousarray(self._ring.images(), dtype="<f4").tobytes()
-        return body + hashlib.blake2b(body, digest_size=_DIGEST).digest()
+        raw = np.ascontiguousarray(self._ring.images(), dtype="<f4").tobytes() if len(self) else b""
+        return seal(_MAGIC, header, raw)
 
     @classmethod
     def from_bytes(cls, data: Any) -> "ClientFilterState":
         """Inverse of :meth:`to_bytes`; anything else raises :class:`FilterInputError`."""
-        if not isinstance(data, (bytes, bytearray, memoryview)):
-            raise FilterInputError(f"filter state must be bytes, got {type(data).__name__}")
-        b = bytes(data)
         fail = "not a raymia filter state"
-        if len(b) < len(_MAGIC) + 4 + _DIGEST or not b.startswith(_MAGIC):
-            raise FilterInputError(f"{fail} (bad magic or too short)")
-        body, digest = b[:-_DIGEST], b[-_DIGEST:]
-        if hashlib.blake2b(body, digest_size=_DIGEST).digest() != digest:
-            raise FilterInputError(f"{fail} (checksum mismatch: truncated or modified)")
-        (hlen,) = struct.unpack_from("<I", body, len(_MAGIC))
-        off = len(_MAGIC) + 4
-        if hlen > _MAX_HEADER or off + hlen > len(body):
-            raise FilterInputError(f"{fail} (bad header length)")
-        try:
-            header = json.loads(body[off:off + hlen].decode())
-        except (UnicodeDecodeError, ValueError):
-            raise FilterInputError(f"{fail} (header is not JSON)") from None
+        header, raw = unseal(data, _MAGIC, fail)
         expect = {"params", "count", "n_queries", "shape", "len"}
         if not isinstance(header, dict) or set(header) != expect:
             raise FilterInputError(f"{fail} (header keys)")
@@ -208,7 +219,6 @@ class ClientFilterState:
         if not (_is_int(count) and 0 <= count <= params.l_sp and _is_int(nq) and nq >= 0
                 and _is_int(n) and 0 <= n <= min(params.n_b, nq)):
             raise FilterInputError(f"{fail} (counter, query count or buffer length out of range)")
-        raw = body[off + hlen:]
         st = cls(params)
         st.count, st.n_queries = count, nq
         if shape is None:
