@@ -38,7 +38,7 @@ from raymia.serving.store import emit_audit
 
 from raymia.serving.store import shard_of
 
-from .state import ShardRouter, ShardUnavailable
+from .state import CrossRouter, ShardRouter, ShardUnavailable
 
 log = logging.getLogger("ray.serve")
 
@@ -61,7 +61,8 @@ CLIENT_ACTIONS = {"unblock": "POST", "block": "POST", "purge": "POST", "why": "G
 class Metrics:
     """Ray Serve metrics of one replica (exported with Ray's other metrics, tagged with
     deployment, replica and application): ``raymia_requests_total{outcome}`` (answered,
-    refused = any other 4xx, blocked = 403 from the filter, blocked_cached = 403 before
+    refused = any other 4xx, blocked = 403 from the filter, refused_cross = 403 from the
+    cross-client window (client not blocked), blocked_cached = 403 before
     the model ran, unavailable = 503) and ``raymia_filter_check_seconds``."""
 
     def __init__(self):
@@ -100,6 +101,10 @@ class RaymiaModel:
         self.shards = ShardRouter(self.plan.state_path, filter_params, s.shards, s.batch_size,
                                   timeout_s=s.shard_timeout_s, health_interval_s=s.health_interval_s,
                                   store_opts=store_opts) if filter_params else None
+        rf = self.cfg.robust_filter
+        cross = filter_params and filter_params.get("kind") == "robust" and rf.cross_client
+        self.cross = CrossRouter(self.plan.state_path, filter_params, rf.cross_window, rf.cross_k,
+                                 s.shard_timeout_s) if cross else None
         self.metrics = Metrics()
         self.forwarded = 0          # images through the model
         self.infer.set_max_batch_size(s.batch_size)
@@ -129,7 +134,7 @@ class RaymiaModel:
             return JSONResponse(body, status_code=status)
         except RequestError as e:
             if predict:
-                self.metrics.outcome({"blocked": "blocked", "blocked_cached": "blocked_cached"}.get(
+                self.metrics.outcome({"blocked": "blocked", "blocked_cached": "blocked_cached", "refused_cross": "refused_cross"}.get(
                     getattr(e, "outcome", e.code), "refused"))
             if e.status == 401 and e.code in ("missing_admin_token", "bad_admin_token"):
                 self.metrics.admin_fail.inc()
@@ -251,6 +256,11 @@ class RaymiaModel:
             raise RequestError(422, "bad_image", verdict["error"])
         if not verdict["safe"]:
             raise self._blocked(client_id, cached=False)
+        if self.cross is not None and not await self.cross.check(client_id, image):
+            e = RequestError(403, "similar_to_other_clients", "this query is too similar to recent queries of other "
+                             "clients (cross-client filter); this client is not blocked")
+            e.outcome = "refused_cross"
+            raise e
         return 200, prediction(probs, opts["top_k"], opts["labels_only"])
 
     async def _timed_check(self, client_id: str, image, t0: float) -> dict:

@@ -304,3 +304,49 @@ class ShardRouter:
 
     async def blocked(self, limit: int) -> list:
         return sorted(await self.call_shard(0, "blocked", limit))[:limit]
+
+
+@ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=3)
+class CrossClientIndex:
+    """The robust detector's cross-client window (``robust_filter.cross_client``): the last
+    ``cross_window`` fingerprints of all clients, in one actor (a plain actor: one check at a
+    time).  In memory only: a restarted actor starts with an empty window, which costs an
+    attacker's Sybil ids nothing they could not also get by waiting out the window."""
+
+    def __init__(self, params: dict, size: int, k: int):
+        from raymia.defenses.filter.robust import CrossClientWindow, params_from_dict
+        self.window = CrossClientWindow(params_from_dict(params), size, k)
+
+    def check(self, client_id: str, image) -> bool:
+        return self.window.check(client_id, image)
+
+    def stats(self) -> dict:
+        return {"refused": self.window.refused, "size": self.window.size, "k": self.window.k}
+
+
+class CrossRouter:
+    """Replica side of the cross-client window: one named actor per state store and
+    parameters, a deadline per call (past it: 503, fail closed)."""
+
+    def __init__(self, state_path: str, params: dict, size: int, k: int, timeout_s: float = 10.0):
+        key = json.dumps({"state": state_path, "params": params, "size": size, "k": k}, sort_keys=True)
+        self.name = "cross-" + hashlib.sha256(key.encode()).hexdigest()[:12]
+        self.args, self.timeout_s = (params, size, k), float(timeout_s)
+        self.handle = self._resolve()
+
+    def _resolve(self):
+        return CrossClientIndex.options(name=self.name, namespace=NAMESPACE, get_if_exists=True).remote(*self.args)
+
+    async def check(self, client_id: str, image) -> bool:
+        deadline = time.monotonic() + self.timeout_s
+        for _ in range(3):
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            try:
+                return await asyncio.wait_for(self.handle.check.remote(client_id, image), timeout=left)
+            except asyncio.TimeoutError:
+                break
+            except ACTOR_ERRORS:
+                self.handle = self._resolve()
+        raise ShardUnavailable(f"the cross-client index did not answer within {self.timeout_s:g} s")

@@ -518,3 +518,30 @@ def test_robust_filter_in_key_mode_blocks_dither_and_nobody_can_block_another_cl
         assert not state(serve_app, "alice")["blocked"]
     finally:
         serve_app.deploy(original)
+
+
+def test_cross_client_window_in_serve_refuses_fresh_ids_without_blocking_them(serve_app, serve_artifacts, tmp_path):
+    """``robust_filter.cross_client`` with self-declared ids: noisy copies of one face, each
+    under a fresh id, are answered until ``cross_k`` other ids sent near ones, then refused
+    (403 similar_to_other_clients); none of those ids is blocked; one file sent by many ids
+    (a popular image) is always answered."""
+    _, bundle = serve_artifacts
+    x, _ = faces(bundle)
+    original = serve_app.cfg
+    cfg = config_from_dict(original.to_dict())
+    cfg.filter.kind, cfg.robust_filter.cross_client, cfg.robust_filter.cross_k = "robust", True, 3
+    cfg.serve.state_path = str(tmp_path / "cross_state.sqlite")
+    rng = np.random.default_rng(5)
+    try:
+        serve_app.deploy(cfg)
+        out = []
+        for i in range(10):
+            noisy = np.clip(x[16] + rng.normal(0, 0.02, x[16].shape), 0, 1).astype(np.float32)
+            out.append(serve_app.client(f"sybil-{i}").predict(noisy))
+        assert [r.status for r in out] == [200] * 3 + [403] * 7
+        assert all(r.body["error"] == "similar_to_other_clients" for r in out[3:])
+        assert not any(state(serve_app, f"sybil-{i}")["blocked"] for i in range(10))
+        popular = (np.round(x[17] * 255) / 255).astype(np.float32)
+        assert [serve_app.client(f"fan-{i}").predict(popular).status for i in range(8)] == [200] * 8
+    finally:
+        serve_app.deploy(original)
