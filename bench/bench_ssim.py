@@ -117,14 +117,8 @@ def render(res: dict, cmd: str) -> str:
 
 
 def update_docs(path: Path, block: str) -> None:
-    head = "## Similarity filter: SSIM per query (bench/bench_ssim.py)"
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
-    if BEGIN in text and END in text:
-        a, b = text.index(BEGIN), text.index(END) + len(END)
-        text = text[:a] + block + text[b:]
-    else:
-        text = text.rstrip("\n") + f"\n\n{head}\n\n{block}\n"
-    path.write_text(text)
+    from docs_section import update_section      # bench/ is the script's folder: on sys.path
+    update_section(path, "## Similarity filter: SSIM per query (bench/bench_ssim.py)", BEGIN, END, block)
 
 
 def main():

@@ -85,8 +85,8 @@ class RobustParams:
         if not _is_real(self.data_range) or float(self.data_range) <= 0:
             bad.append(f"data_range must be a finite number > 0, got {self.data_range!r}")
         if not bad:
-            if self.dct < 2:
-                bad.append(f"dct must be >= 2, got {self.dct}")
+            if not 2 <= self.dct <= 16:       # <= 255 bits: the distances are summed in uint8
+                bad.append(f"dct must be 2..16, got {self.dct}")
             inner = self.base - 2 * self.shift
             if inner < self.dct or self.grid < self.dct or inner % self.grid:
                 bad.append(f"grid must be >= dct and divide base - 2 shift, got grid {self.grid}, "
@@ -204,7 +204,12 @@ def hamming_min(variants: np.ndarray, memory: np.ndarray) -> np.ndarray:
     memory = np.asarray(memory, np.uint64).reshape(-1, variants.shape[-1])
     if memory.shape[0] == 0:
         return np.zeros(0, np.int64)
-    return np.bitwise_count(variants[:, None, :] ^ memory[None, :, :]).sum(-1).min(0).astype(np.int64)
+    d = None                      # (V, M) uint8 distances, one word at a time (no (V, M, words) temporary)
+    for w in range(memory.shape[1]):
+        col = np.ascontiguousarray(memory[:, w])
+        part = np.bitwise_count(col[None, :] ^ variants[:, w:w + 1])
+        d = part if d is None else np.add(d, part, out=d)
+    return d.min(0).astype(np.int64)
 
 
 # ----------------------------------------------------------------------------- per client
