@@ -310,13 +310,13 @@ class RedTeamCfg:
     """The red team of the filters (raymia.filter_sim.redteam, raymia.pipelines.red_team)."""
     attack_queries: int = 60      # attack queries per near-duplicate strategy
     faces: int = 5                # faces each strategy is run on (the first photo of the first identities)
-    benign_sessions: int = 600    # benign sessions per half (calibration half, report half)
+    benign_sessions: int = 1000   # benign sessions per half (calibration half, report half)
     p_popular: float = 0.3        # chance that a benign session also sends popular images
     p_heavy: float = 0.05         # chance that a benign session is a heavy user (40-120 distinct images)
     fpr_target: float = 0.01      # calibration: largest share of benign sessions blocked
-    t_bits_grid: list = field(default_factory=lambda: [12, 16, 20, 24])
-    l_sp_grid: list = field(default_factory=lambda: [4, 6, 8, 12])
-    window_grid: list = field(default_factory=lambda: [0, 100, 30])   # 0 = strikes never expire
+    t_bits_grid: list = field(default_factory=lambda: [12, 16, 20])
+    l_sp_grid: list = field(default_factory=lambda: [4, 6, 8])
+    window_grid: list = field(default_factory=lambda: [0, 30])   # 0 = strikes never expire
     adaptive_candidates: int = 24 # transformations the adaptive attacker tries per query
     attack_rows: int = 10         # black-box / label-only rows (targets 0.. with one restart each)
     attack_budget: int = 2000     # their query budgets (both attacks)
