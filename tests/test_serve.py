@@ -491,7 +491,8 @@ def test_app_on_postgresql_counts_concurrent_requests_and_keeps_blocks_through_a
 def test_robust_filter_in_key_mode_blocks_dither_and_nobody_can_block_another_client(serve_app, serve_artifacts,
                                                                                        tmp_path):
     """``filter.kind=robust`` with API keys (the production setting): the one-grey-level
-    dither that Algorithm 2 never matches is refused at the (L+1)-th query; mallory naming
+    dither that Algorithm 2 never matches (shown first on the default raha app) is refused
+    at the (L+1)-th query; mallory naming
     alice in X-Client-Id changes nothing for alice (identity comes from the key); alice's
     distinct photos pass."""
     from raymia.serving.client import ServeClient
@@ -504,13 +505,15 @@ def test_robust_filter_in_key_mode_blocks_dither_and_nobody_can_block_another_cl
     cfg.serve.api_keys_file, cfg.filter.kind = str(keys), "robust"
     cfg.serve.state_path = str(tmp_path / "robust_state.sqlite")
     L = cfg.robust_filter.l_sp
+    face = np.round(x[15] * 255) / 255
+    dither = [np.clip(face + (i % 11) / 255, 0, 1).astype(np.float32) for i in range(L + 6)]
+    raha = serve_app.client("dither-under-raha")                   # the default app: Algorithm 2
+    assert [raha.predict(q).status for q in dither] == [200] * (L + 6)   # never matches a 1-level shift
     try:
         serve_app.deploy(cfg)
         assert serve_app.admin("GET", "/admin/info").body["filter_params"]["kind"] == "robust"
         mallory = ServeClient(serve_app.url, "alice", "key-of-mallory-99")      # claims to be alice
-        face = np.round(x[15] * 255) / 255
-        statuses = [mallory.predict(np.clip(face + (i % 11) / 255, 0, 1).astype(np.float32)).status
-                    for i in range(L + 3)]
+        statuses = [mallory.predict(q).status for q in dither[:L + 3]]
         assert statuses == [200] * L + [403] * 3
         assert state(serve_app, "mallory")["blocked"] and state(serve_app, "alice") is None
         alice = serve_app.client(api_key="key-of-alice-123")
