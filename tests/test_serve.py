@@ -459,31 +459,44 @@ def test_short_admin_token_is_refused_at_start_up(serve_artifacts):
         raymia_serve.build_app(serve_artifacts[0], "smoke", admin_token="short-token")
 
 
-def test_app_on_postgresql_counts_concurrent_requests_and_keeps_blocks_through_a_shard_kill(
-        serve_app, serve_artifacts, ray_session, pg_url):
-    """The same app with ``serve.state_url`` on the suite's PostgreSQL server and two
-    replicas: 32 concurrent identical queries are served exactly three times, and the block
-    survives the shard actor's death (read back from the database)."""
+def test_two_replicas_count_concurrent_requests_and_blocks_survive_shard_and_app_kills(
+        serve_app, serve_artifacts, ray_session, store_at):
+    """The app with two replicas on each store backend (a SQLite file; ``serve.state_url``
+    on the suite's PostgreSQL server): 32 concurrent identical queries are served exactly
+    three times, and the block survives the shard actor's death and the whole app's
+    deletion and redeployment (read back from the store)."""
     ray = ray_session
-    cfg0, bundle = serve_artifacts
+    from ray import serve as rserve
+    from conftest import SERVE_APP
+    _, bundle = serve_artifacts
     x, _ = faces(bundle)
     cfg = config_from_dict(serve_app.cfg.to_dict())
-    cfg.serve.state_url, cfg.serve.replicas, cfg.serve.replica_cpus = pg_url, 2, 0.5
+    if isinstance(store_at, str):
+        cfg.serve.state_url = store_at
+    else:
+        cfg.serve.state_path = str(store_at)
+    cfg.serve.replicas, cfg.serve.replica_cpus = 2, 0.5
     old = serve_app.cfg
     serve_app.deploy(cfg)
     try:
         info = serve_app.admin("GET", "/admin/info").body
-        assert info["plan"]["state_path"] == pg_url          # no password in it: nothing to redact
+        assert info["plan"]["state_path"] == str(store_at)    # no password in it: nothing to redact
         with ThreadPoolExecutor(32) as pool:
-            b = list(pool.map(lambda im: serve_app.client("pg-burst").predict(im).status, [x[12]] * 32))
+            b = list(pool.map(lambda im: serve_app.client("burst-2r").predict(im).status, [x[12]] * 32))
         assert sorted(b) == [200] * 3 + [403] * 29
-        st = state(serve_app, "pg-burst")
+        st = state(serve_app, "burst-2r")
         assert st["n_queries"] == 32 and st["blocked"]
-        name = list(dict(serve_app.shard_actors()))[shard_of("pg-burst", cfg.serve.shards)]
-        ray.kill(dict(serve_app.shard_actors())[name])       # for good: a replica re-creates it from the database
-        assert serve_app.client("pg-burst").predict(x[13]).status == 403
-        assert state(serve_app, "pg-burst")["blocked"]
-        assert serve_app.client("pg-other").predict(x[14]).status == 200
+        name = list(dict(serve_app.shard_actors()))[shard_of("burst-2r", cfg.serve.shards)]
+        ray.kill(dict(serve_app.shard_actors())[name])       # kill -9: a replica re-creates it from the store
+        assert serve_app.client("burst-2r").predict(x[13]).status == 403
+        assert state(serve_app, "burst-2r")["blocked"]
+        assert serve_app.client("other-2r").predict(x[14]).status == 200
+        rserve.delete(SERVE_APP)                             # the whole app, then a new one on the same store
+        serve_app.deploy(cfg)
+        assert serve_app.client("burst-2r").predict(x[15]).status == 403
+        st = state(serve_app, "burst-2r")
+        assert st["blocked"] and st["n_queries"] == 34
+        assert serve_app.client("other-2r").predict(x[16]).status == 200
     finally:
         serve_app.deploy(old)
 
