@@ -27,8 +27,7 @@ import numpy as np
 import torch
 
 from ..attacks.oracle import Oracle
-from ..defenses.filter import ClientFilterState
-from ..defenses.filter.robust import CrossClientWindow, Fingerprinter, RobustClientState, RobustParams, hamming_min
+from ..defenses.filter.robust import CrossClientWindow, Fingerprinter, RobustParams, hamming_min
 
 
 # ----------------------------------------------------------------------------- the deployed filter
@@ -48,7 +47,7 @@ class Gate:
     def state(self, client: Hashable):
         st = self.states.get(client)
         if st is None:
-            st = self.states[client] = (RobustClientState if self.robust else ClientFilterState)(self.params)
+            st = self.states[client] = self.params.state_class()(self.params)
         return st
 
     def ask(self, client: Hashable, image: np.ndarray) -> bool:

@@ -99,15 +99,9 @@ def adaptive_rows(robust: RobustParams, faces: np.ndarray, n_attack: int, candid
     rows = []
     for k, face in enumerate(faces):
         qs, ssims, dists = R.adaptive_queries(face, robust, n_attack, np.random.default_rng(seed + k), candidates)
-        g = R.Gate(robust)
-        answered, first = 0, 0
-        for i, q in enumerate(qs, 1):
-            if g.ask("adaptive", q):
-                answered += 1
-            elif not first:
-                first = i
+        r = R.run_stream(R.Gate(robust), [("adaptive", q, True) for q in qs])
         ok = [s for s, d in zip(ssims, dists) if d > robust.t_bits]
-        rows.append({"face": k, "answered": answered, "first_refused": first, "n_attack": n_attack,
+        rows.append({"face": k, "answered": r.answered_attack, "first_refused": r.first_refused, "n_attack": n_attack,
                      "evading_queries": len(ok), "ssim_mean": float(np.mean(ssims)),
                      "ssim_min": float(np.min(ssims))})
     return rows

@@ -204,11 +204,16 @@ class PostgresBackend:
         self.conn = None
         self._tx = False
         self._connect()
-        with self._transaction():
+        types = {"int": "BIGINT", "real": "DOUBLE PRECISION", "blob": "BYTEA", "serial": "BIGSERIAL PRIMARY KEY"}
+        self.begin()
+        try:
             self.conn.execute("SELECT pg_advisory_xact_lock(%s)", (_SCHEMA_KEY,))   # concurrent creators
-            types = {"int": "BIGINT", "real": "DOUBLE PRECISION", "blob": "BYTEA", "serial": "BIGSERIAL PRIMARY KEY"}
             for s in SCHEMA:
                 self.conn.execute(s.format(**types))
+        except BaseException:
+            self.rollback()
+            raise
+        self.commit(False)
 
     def _connect(self) -> None:
         try:
@@ -218,20 +223,6 @@ class PostgresBackend:
             raise ConfigError(f"cannot connect to the filter-state database {self.where}: {msg}") from None
         # ordinary commits do not wait for the WAL flush; durable ones do (commit)
         self.conn.execute("SET synchronous_commit TO off")
-
-    def _transaction(self):
-        import contextlib
-
-        @contextlib.contextmanager
-        def tx():
-            self.begin()
-            try:
-                yield
-            except BaseException:
-                self.rollback()
-                raise
-            self.commit(False)
-        return tx()
 
     def execute(self, sql: str, args: Iterable = ()):
         return self.conn.execute(_PLACEHOLDER.sub("%s", sql), tuple(args))
@@ -245,8 +236,7 @@ class PostgresBackend:
             self._connect()
         self.conn.execute("BEGIN")
         self._tx = True
-        for key in sorted({_lock_key(c) for c in clients}):
-            self.conn.execute("SELECT pg_advisory_xact_lock(%s)", (key,))
+        self.lock_clients(clients)
 
     def lock_clients(self, clients: Iterable[str]) -> None:
         """More client locks inside the open transaction (re-entrant; released at its end)."""

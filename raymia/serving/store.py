@@ -62,15 +62,8 @@ def emit_audit(kind: str, **fields) -> str:
 
 
 def state_nbytes(st) -> int:
-    """Memory of one cached client state (its ring of N_B images and their SSIM statistics;
-    the robust detector's fingerprints)."""
-    if hasattr(st, "nbytes"):
-        return int(st.nbytes())
-    ring = getattr(st, "_ring", None)
-    if ring is None:
-        return 512
-    sk = ring.stack
-    return 512 + sum(int(a.nbytes) for a in (sk.img, sk.m1, sk.m1sq, sk.v48, ring.hashes))
+    """Memory of one cached client state (either detector's ``nbytes``)."""
+    return int(st.nbytes())
 
 
 class StateConflict(RuntimeError):
@@ -112,18 +105,15 @@ class FilterStateStore:
 
     def __init__(self, path, params, request_ttl_s: float = 600.0, snapshot_every: Optional[int] = None,
                  cache_clients: int = 5000, cache_bytes: int = 512 << 20, client_ttl_s: float = 0.0):
-        from ..defenses.filter import ClientFilterState, FilterInputError
-        from ..defenses.filter.robust import RobustClientState, RobustParams
+        from ..defenses.filter import FilterInputError
         self.params, self.ttl = params, float(request_ttl_s)
         self._input_error = FilterInputError
-        robust = isinstance(params, RobustParams)
-        self.snapshot_every = int(snapshot_every or (params.snapshot_every if robust else 2 * params.n_b))
-        self._cls = RobustClientState if robust else ClientFilterState
+        self.snapshot_every = int(snapshot_every or params.snapshot_every)
+        self._cls = params.state_class()
         self.cache_clients, self.cache_bytes = int(cache_clients), int(cache_bytes)
         self.client_ttl_s = float(client_ttl_s)
         self.db = open_backend(path)
         self.where = self.db.where
-        self.path = getattr(self.db, "path", None)     # the SQLite file; None for PostgreSQL
         self.cache: "OrderedDict[str, _Entry]" = OrderedDict()
         self.cache_used = 0                 # bytes of the cached states (state_nbytes)
         self.lock = threading.Lock()
@@ -269,7 +259,7 @@ class FilterStateStore:
             nq = self.db.execute("SELECT count(*) FROM quarantine WHERE client_id=?", (client_id,)).fetchone()[0]
             return {"client_id": client_id, **self.describe(e.state), "version": row[0], "updated": row[1],
                     "buffered": len(e.state), "limit": int(self.params.l_sp),
-                    "buffer_size": int(getattr(self.params, "n_b", getattr(self.params, "memory", 0))),
+                    "buffer_size": int(self.params.capacity),
                     **({"quarantined": int(nq)} if nq else {})}
 
     def blocked_clients(self, limit: int = 1000) -> list[str]:
@@ -304,9 +294,7 @@ class FilterStateStore:
         return {"client_id": client_id,
                 "evidence": [{"id": i, "at": at, **json.loads(d)} for i, at, d in reversed(ev)],
                 "events": [{"id": i, "at": at, "kind": k, **json.loads(d)} for i, at, k, d in reversed(evs)],
-                "thresholds": (self.params.thresholds() if hasattr(self.params, "thresholds") else
-                               {"t_ssim": float(self.params.t_ssim), "t_hash": float(self.params.t_hash),
-                                "l_sp": int(self.params.l_sp)})}
+                "thresholds": self.params.thresholds()}
 
     def events(self, after: int = 0, limit: int = 100, kinds: Optional[Sequence[str]] = None) -> list:
         where, args = "id > ?", [int(after)]

@@ -129,6 +129,24 @@ class FilterParams:
             del d["ssim_window"]
         return d
 
+    # -- what the state store reads of either detector (RobustParams has the same)
+    @property
+    def snapshot_every(self) -> int:
+        """Logged queries between stored snapshots (a snapshot holds the whole buffer)."""
+        return 2 * self.n_b
+
+    @property
+    def capacity(self) -> int:
+        """Queries one client's state remembers."""
+        return self.n_b
+
+    def thresholds(self) -> dict:
+        return {"t_ssim": self.t_ssim, "t_hash": self.t_hash, "l_sp": self.l_sp}
+
+    def state_class(self):
+        from .state import ClientFilterState
+        return ClientFilterState
+
     def label(self) -> str:
         win = "" if self.ssim_window == "uniform7" else f" SSIM={self.ssim_window}"
         return f"N_B={self.n_b} T_ssim={self.t_ssim:g} T_hash={self.t_hash:g} L_sp={self.l_sp}{win}"

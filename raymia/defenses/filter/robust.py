@@ -124,8 +124,15 @@ class RobustParams:
     def to_dict(self) -> dict:
         return {"kind": "robust", **asdict(self)}
 
+    @property
+    def capacity(self) -> int:
+        return self.memory
+
     def thresholds(self) -> dict:
         return {"t_bits": self.t_bits, "l_sp": self.l_sp, "window": self.window, "memory": self.memory}
+
+    def state_class(self):
+        return RobustClientState
 
     def label(self) -> str:
         w = f" window={self.window}" if self.window else ""

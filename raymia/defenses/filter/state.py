@@ -151,6 +151,14 @@ class ClientFilterState:
         """Images in the buffer."""
         return 0 if self._ring is None else self._ring.size
 
+    def nbytes(self) -> int:
+        """Memory of this state: its ring of N_B images and their SSIM statistics."""
+        ring = self._ring
+        if ring is None:
+            return 512
+        sk = ring.stack
+        return 512 + sum(int(a.nbytes) for a in (sk.img, sk.m1, sk.m1sq, sk.v48, ring.hashes))
+
     def buffer_images(self) -> np.ndarray:
         """The buffer oldest first, (n, C, H, W) float32 (a copy)."""
         if self._ring is None:
