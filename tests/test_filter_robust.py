@@ -145,6 +145,12 @@ def test_red_team_pipeline_on_smoke(smoke_runs, tmp_path):
                                 "red_team.faces=2", "red_team.t_bits_grid=[12,20]", "red_team.l_sp_grid=[6]",
                                 "red_team.window_grid=[0,30]", "red_team.attack_rows=2", "red_team.attack_budget=120",
                                 "red_team.adaptive_candidates=4"])
+    from raymia.data import load_bundle
+    from raymia.progress import quiet
+    from raymia.training import train_artifact
+    bundle = load_bundle(cfg.data)
+    for kind in red_team.ATTACK_KINDS:            # in this process (cached under smoke_runs): the job starts no Ray
+        train_artifact(cfg, kind, bundle, quiet)
     out = red_team.run(cfg, str(tmp_path / "rt"))
     for f in ("calibration.csv", "benign_fpr.csv", "strategies.csv", "adaptive.csv", "attacks.csv", "red_team.md",
               "robust_filter.json", "config.yaml", "run.json"):

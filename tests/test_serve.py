@@ -44,6 +44,18 @@ def state(live, cid):
     return r.body if r.status == 200 else None
 
 
+def settled(live, cid, n_queries, timeout_s=15.0):
+    """The client's state once its stored query count reached ``n_queries`` (or the last
+    one seen after ``timeout_s``): replicas add locally refused queries at their next flush."""
+    import time
+    deadline = time.time() + timeout_s
+    while True:
+        st = state(live, cid)
+        if (st is not None and st["n_queries"] >= n_queries) or time.time() > deadline:
+            return st
+        time.sleep(0.2)
+
+
 # ----------------------------------------------------------------------------- HTTP, live app
 
 def test_prediction_matches_library_combined_model(serve_app, serve_artifacts):
@@ -484,13 +496,15 @@ def test_two_replicas_count_concurrent_requests_and_blocks_survive_shard_and_app
         with ThreadPoolExecutor(32) as pool:
             b = list(pool.map(lambda im: serve_app.client("burst-2r").predict(im).status, [x[12]] * 32))
         assert sorted(b) == [200] * 3 + [403] * 29
-        st = state(serve_app, "burst-2r")
+        # queries refused by a replica's cached block reach the store at its next flush
+        st = settled(serve_app, "burst-2r", 32)
         assert st["n_queries"] == 32 and st["blocked"]
         name = list(dict(serve_app.shard_actors()))[shard_of("burst-2r", cfg.serve.shards)]
         ray.kill(dict(serve_app.shard_actors())[name])       # kill -9: a replica re-creates it from the store
         assert serve_app.client("burst-2r").predict(x[13]).status == 403
         assert state(serve_app, "burst-2r")["blocked"]
         assert serve_app.client("other-2r").predict(x[14]).status == 200
+        assert settled(serve_app, "burst-2r", 33)["n_queries"] == 33   # flushed before the app goes
         rserve.delete(SERVE_APP)                             # the whole app, then a new one on the same store
         serve_app.deploy(cfg)
         assert serve_app.client("burst-2r").predict(x[15]).status == 403
