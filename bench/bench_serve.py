@@ -2,8 +2,10 @@
 
 * ``bare``     -- R_T alone, no filter (serve.model=target, serve.use_filter=false),
 * ``combined`` -- the combined model R' alone, no filter,
-* ``defended`` -- R' behind the per-client similarity filter (the app as shipped),
-* ``defended_1shard`` -- the same with one filter-state actor instead of ``serve.shards``,
+* ``defended`` -- R' behind the per-client similarity filter (the app as shipped: each
+  replica holds the filter-state store itself, ``serve.state_in: replica``),
+* ``defended_actors`` -- the same with the state in ``serve.shards`` filter-state actors
+  (``serve.state_in: actors``: one actor round trip per query or batch of queries),
 
 all deployed side by side in ONE Ray/Serve instance (one route prefix each) and
 measured in interleaved rounds, so the reported ratios compare like with like on this
@@ -48,8 +50,8 @@ from raymia.serving.client import encode_png  # noqa: E402
 VARIANTS = {  # name -> serve overrides
     "bare": {"model": "target", "use_filter": False},
     "combined": {"model": "combined", "use_filter": False},
-    "defended": {"model": "combined", "use_filter": True},
-    "defended_1shard": {"model": "combined", "use_filter": True, "shards": 1},
+    "defended": {"model": "combined", "use_filter": True, "state_in": "replica"},
+    "defended_actors": {"model": "combined", "use_filter": True, "state_in": "actors"},
 }
 
 
@@ -306,7 +308,8 @@ def main():
 
     summary = {"defended_vs_bare": paired("defended", "bare"), "defended_vs_combined": paired("defended", "combined"),
                "combined_vs_bare": paired("combined", "bare"),
-               "defended_1shard_vs_bare": paired("defended_1shard", "bare"),
+               "defended_actors_vs_bare": paired("defended_actors", "bare"),
+               "defended_vs_defended_actors": paired("defended", "defended_actors"),
                "goal": "defense adds <= 2 ms at p50 and keeps >= 80% of bare throughput"}
     g = summary["defended_vs_bare"]
     summary["goal_met"] = g["added_p50_ms"] <= 2.0 and g["throughput_ratio"] >= 0.8
@@ -315,7 +318,7 @@ def main():
             "concurrency": args.concurrency, "jitter": args.jitter, "cpus": os.cpu_count(),
             "load_avg_1min_at_end": os.getloadavg()[0],
             "filter": {"n_b": fp.n_b, "t_ssim": fp.t_ssim, "t_hash": fp.t_hash, "l_sp": fp.l_sp},
-            "serve": {k: getattr(cfg.serve, k) for k in ("shards", "batch_size", "batch_wait_ms", "replicas",
+            "serve": {k: getattr(cfg.serve, k) for k in ("state_in", "shards", "batch_size", "batch_wait_ms", "replicas",
                                                           "replica_cpus", "torch_threads", "fold_bn")},
             "image_shape": list(load_bundle(cfg.data).private_train.x.shape[1:])}
     (out / "serve.json").write_text(json.dumps({"rows": rows, "summary": summary, "filter_in_process": fcost,
@@ -326,7 +329,8 @@ def main():
     for key, label in (("defended_vs_bare", "defended (R' + filter) vs bare R_T"),
                        ("defended_vs_combined", "defended vs R' alone (the filter's cost)"),
                        ("combined_vs_bare", "R' alone vs bare R_T (the dummy-model defense's cost)"),
-                       ("defended_1shard_vs_bare", "defended with one filter actor vs bare R_T")):
+                       ("defended_actors_vs_bare", "defended with the state in shard actors vs bare R_T"),
+                       ("defended_vs_defended_actors", "state in the replica vs in shard actors")):
         v = summary[key]
         lines.append(f"- {label}: {v['added_p50_ms']:+.2f} ms at p50 (median of rounds {v['added_p50_ms_median_of_rounds']:+.2f}), "
                      f"throughput x{v['throughput_ratio']:.2f} (median of rounds x{v['throughput_ratio_median_of_rounds']:.2f}), "

@@ -235,7 +235,8 @@ class ServeCfg:
     recommendation: str = ""       # "" = <out_root>/<run.name>/alpha_sweep/recommendation.json
     model: Literal["combined", "target"] = "combined"   # combined: R', defended; target: R_T alone (benchmarks)
     use_filter: bool = True        # per-client similarity filter (section filter) in front of the model
-    shards: int = 2                # filter-state actors; clients are sharded by id
+    state_in: Literal["replica", "actors"] = "replica"   # replica: each replica holds the store (no actor hop); actors: shard actors hold it
+    shards: int = 2                # filter-state actors (state_in: actors); clients are sharded by id
     state_path: str = ""           # SQLite file of the filter states; "" = <out_root>/<run.name>/serve/filter_state.sqlite
     state_url: str = ""            # postgresql://user@host:5432/db: the filter states in PostgreSQL (apps on several nodes); "" = SQLite at state_path
     max_body_bytes: int = 1048576  # larger request bodies get 413

@@ -28,6 +28,7 @@ class Kind:
     sections: tuple          # config sections (besides data) that determine the artifact
     seed_offset: int         # seed = run.seed * 1000 + seed_offset
     variant: Optional[str] = None   # dummy kinds: the R_dmy variant
+    needs: tuple = ()        # kinds whose artifacts training this one reads
 
     def config(self, cfg: Config) -> Config:
         """The config this kind is trained from (a dummy kind fixes its own variant)."""
@@ -83,7 +84,7 @@ KINDS: dict[str, Kind] = {
     "evaluator": Kind("evaluator", "classifier", ("evaluator",), 2),
     "gan": Kind("gan", "generator", ("gan",), 3),
     "target": Kind("target", "classifier", ("target",), 4),
-    **{f"dummy-{v}": Kind(f"dummy-{v}", "dummy", ("target", "gan", "dummy"), 100, v) for v in DUMMY_VARIANTS},
+    **{f"dummy-{v}": Kind(f"dummy-{v}", "dummy", ("target", "gan", "dummy"), 100, v, ("gan",)) for v in DUMMY_VARIANTS},
 }
 
 

@@ -11,11 +11,13 @@ from typing import Optional
 from raymia.cli import USER_ERRORS
 from raymia.config import Config, ConfigError
 from raymia.runtime import resolve_out_root
+from raymia.serving.backends import is_postgres
 from raymia.serving.http import hash_secret, load_api_keys
 from raymia.serving.plan import config_from_serve_args, filter_params, resolve_plan
 from raymia.serving.store import FilterStateStore
 
 from .model import RaymiaModel
+from .state import HEAD_RESOURCE
 
 
 def build_app(cfg: Config, preset: str = "orl", admin_token: Optional[str] = None):
@@ -39,9 +41,12 @@ def build_app(cfg: Config, preset: str = "orl", admin_token: Optional[str] = Non
             "`export RAYMIA_ADMIN_TOKEN=$(python -c 'import secrets; print(secrets.token_urlsafe(32))')`, "
             "or unset it to turn the admin endpoints off")
     api_keys = load_api_keys(s.api_keys_file) if s.api_keys_file else None
-    deployment = RaymiaModel.options(
-        num_replicas=s.replicas, max_ongoing_requests=s.max_ongoing_requests,
-        ray_actor_options={"num_cpus": s.replica_cpus, **({"num_gpus": s.replica_gpus} if s.replica_gpus else {})})
+    opts = {"num_cpus": s.replica_cpus, **({"num_gpus": s.replica_gpus} if s.replica_gpus else {})}
+    if params is not None and s.state_in == "replica" and not is_postgres(plan.state_path):
+        # the replicas hold the SQLite file themselves: it lives on the head node's local disk
+        opts["resources"] = {HEAD_RESOURCE: 0.001}
+    deployment = RaymiaModel.options(num_replicas=s.replicas, max_ongoing_requests=s.max_ongoing_requests,
+                                     ray_actor_options=opts)
     return deployment.bind(cfg.to_dict(), plan.to_dict(), params, hash_secret(token) if token else None, api_keys)
 
 

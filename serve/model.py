@@ -38,7 +38,7 @@ from raymia.serving.store import emit_audit
 
 from raymia.serving.store import shard_of
 
-from .state import CrossRouter, ShardRouter, ShardUnavailable
+from .state import CrossRouter, LocalRouter, ShardRouter, ShardUnavailable
 
 log = logging.getLogger("ray.serve")
 
@@ -81,7 +81,8 @@ class Metrics:
 
 @rserve.deployment(name="RaymiaModel")
 class RaymiaModel:
-    """One replica: the released model plus handles to the filter's shard actors."""
+    """One replica: the released model plus the filter's state (held here, or handles to
+    the shard actors)."""
 
     def __init__(self, cfg_dict: dict, plan_dict: dict, filter_params: Optional[dict],
                  admin_digest: Optional[str], api_keys: Optional[dict]):
@@ -98,9 +99,15 @@ class RaymiaModel:
         self.filter_params = filter_params
         store_opts = {"cache_clients": s.cache_clients, "cache_bytes": int(s.cache_mb * (1 << 20)),
                       "client_ttl_s": s.client_ttl_s}
-        self.shards = ShardRouter(self.plan.state_path, filter_params, s.shards, s.batch_size,
-                                  timeout_s=s.shard_timeout_s, health_interval_s=s.health_interval_s,
-                                  store_opts=store_opts) if filter_params else None
+        if not filter_params:
+            self.shards = None
+        elif s.state_in == "replica":
+            self.shards = LocalRouter(self.plan.state_path, filter_params, s.batch_size, timeout_s=s.shard_timeout_s,
+                                      health_interval_s=s.health_interval_s, store_opts=store_opts)
+        else:
+            self.shards = ShardRouter(self.plan.state_path, filter_params, s.shards, s.batch_size,
+                                      timeout_s=s.shard_timeout_s, health_interval_s=s.health_interval_s,
+                                      store_opts=store_opts)
         rf = self.cfg.robust_filter
         cross = filter_params and filter_params.get("kind") == "robust" and rf.cross_client
         self.cross = CrossRouter(self.plan.state_path, filter_params, rf.cross_window, rf.cross_k,
@@ -292,7 +299,7 @@ class RaymiaModel:
                             "blocked_cached_ids": len(self.shards.blocked_ids) if self.shards else 0},
                 "health": health}
 
-    def _need_filter(self) -> ShardRouter:
+    def _need_filter(self):
         if self.shards is None:
             raise RequestError(404, "no_filter", "this app runs without the similarity filter (serve.use_filter=false)")
         return self.shards

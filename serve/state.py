@@ -1,4 +1,6 @@
-"""Per-client filter state in named Ray actors, sharded by client id.
+"""Per-client filter state, reached by a replica in one of two ways (``serve.state_in``):
+``replica`` (default): the replica holds the store itself (:class:`LocalRouter`);
+``actors``: named Ray actors, sharded by client id (:class:`ShardRouter`), as follows.
 
 Each :class:`FilterShard` actor owns the clients whose id hashes to its shard
 (:func:`raymia.serving.store.shard_of`) and runs their checks one at a time, so the updates of
@@ -11,7 +13,7 @@ lives as long as the replica that created it (its owner), so a deleted app or on
 redeployed with other parameters leaves no actor behind, and a replica that finds its
 shard gone (owner replaced, actor killed) creates it again from the file.
 
-The replica side (:class:`ShardRouter`) gives every call a deadline
+The replica side (either router) gives every call a deadline
 (``serve.shard_timeout_s``: past it the request fails closed with 503), keeps the shard
 health that ``/healthz`` answers from (refreshed in the background at most every
 ``serve.health_interval_s``), and a local set of blocked client ids: a blocked client is
@@ -45,9 +47,10 @@ def shard_names(state_path: str, params: dict, n_shards: int) -> list[str]:
     return [f"filter-{tag}-{i}of{n_shards}" for i in range(n_shards)]
 
 
-@ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=3)
-class FilterShard:
-    """One shard of the per-client filter states (a plain actor: one call at a time)."""
+class ShardService:
+    """One shard of the per-client filter states: the methods a :class:`FilterShard` actor
+    serves (one call at a time), or that a replica runs itself on one worker thread
+    (``serve.state_in: replica``, :class:`LocalRouter`)."""
 
     def __init__(self, state_path: str, params: dict, shard: int, n_shards: int, store_opts: Optional[dict] = None):
         import logging
@@ -133,57 +136,37 @@ class FilterShard:
         return out
 
 
+
+
+@ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=3)
+class FilterShard(ShardService):
+    """A shard as a named Ray actor (``serve.state_in: actors``)."""
+
+
 class ShardUnavailable(RuntimeError):
     pass
 
 
-class ShardRouter:
-    """Replica-side handles to the shard actors; re-resolves a shard whose actor died
-    (a killed actor is re-created from its name and reloads the state file)."""
+class _Router:
+    """What a replica keeps whichever way it reaches the store: the batching of checks per
+    shard, the set of blocked ids, the refused queries still to count, the cached health.
+    Subclasses provide ``call_shard(i, method, *args, timeout_s=None)``."""
 
-    def __init__(self, state_path: str, params: dict, n_shards: int, max_batch: int = 32, retries: int = 5,
-                 timeout_s: float = 10.0, health_interval_s: float = 2.0, store_opts: Optional[dict] = None,
-                 resolve: bool = True):
-        self.state_path, self.params, self.n = state_path, params, n_shards
-        self.names = shard_names(state_path, params, n_shards)
-        self.max_batch, self.retries, self.timeout_s = max_batch, retries, float(timeout_s)
-        self.health_interval_s, self.store_opts = float(health_interval_s), store_opts or {}
-        self.pending: list = [[] for _ in range(n_shards)]
-        self.busy = [False] * n_shards
-        self.handles = [self._resolve(i) for i in range(n_shards)] if resolve else [None] * n_shards
+    def __init__(self, names: list, max_batch: int, timeout_s: float, health_interval_s: float):
+        self.names, self.n = list(names), len(names)
+        self.max_batch, self.timeout_s = max_batch, float(timeout_s)
+        self.health_interval_s = float(health_interval_s)
+        self.pending: list = [[] for _ in range(self.n)]
+        self.busy = [False] * self.n
         self.blocked_ids: dict[str, int] = {}        # client id -> event mark of its blocked verdict
         self.cleared: dict[str, int] = {}            # client id -> event id of an unblock/purge seen
-        self.refused: list[dict] = [{} for _ in range(n_shards)]   # blocked ids' uncounted queries
+        self.refused: list[dict] = [{} for _ in range(self.n)]   # blocked ids' uncounted queries
         self.last_event: Optional[int] = None
         self.health: Optional[dict] = None           # {"ok", "at", "message", "shards"}
         self._refresher: Optional[asyncio.Task] = None
 
-    def _resolve(self, i: int):
-        # A SQLite file lives on one host's local disk: its shard actors run on the head node
-        # (where `serve run` created the file), whichever node asks; PostgreSQL: anywhere.
-        pin = {} if is_postgres(self.state_path) else {"resources": {HEAD_RESOURCE: 0.001}}
-        return FilterShard.options(name=self.names[i], namespace=NAMESPACE, get_if_exists=True, **pin).remote(
-            self.state_path, self.params, i, self.n, self.store_opts)
-
     async def call_shard(self, i: int, method: str, *args, timeout_s: Optional[float] = None) -> Any:
-        """One call with a deadline (retries on a dead actor included); past it, or after
-        the retries, :class:`ShardUnavailable` (the request fails closed: 503)."""
-        limit = self.timeout_s if timeout_s is None else timeout_s
-        deadline = time.monotonic() + limit
-        last: Optional[BaseException] = None
-        for attempt in range(self.retries):
-            left = deadline - time.monotonic()
-            if left <= 0:
-                break
-            try:
-                return await asyncio.wait_for(getattr(self.handles[i], method).remote(*args), timeout=left)
-            except asyncio.TimeoutError:
-                raise ShardUnavailable(f"filter shard {i} did not answer within {limit:g} s") from None
-            except ACTOR_ERRORS as e:       # died for good (or is restarting): find or re-create it
-                last = e
-                await asyncio.sleep(min(0.05 * 2 ** attempt, max(0.0, deadline - time.monotonic())))
-                self.handles[i] = self._resolve(i)
-        raise ShardUnavailable(f"filter shard {i} is unavailable ({type(last).__name__ if last else 'deadline'})")
+        raise NotImplementedError
 
     async def call(self, client_id: str, method: str, *args) -> Any:
         return await self.call_shard(shard_of(client_id, self.n), method, client_id, *args)
@@ -241,7 +224,7 @@ class ShardRouter:
             pass
         self.health = {"ok": not bad, "at": time.time(), "took_s": round(time.time() - t0, 4),
                        "message": f"filter shard(s) {bad} do not answer" if bad else "",
-                       "shards": [None if isinstance(r, BaseException) else {k: r[k] for k in ("shard", "pid", "cache")}
+                       "shards": [None if isinstance(r, BaseException) else {k: r[k] for k in ("shard", "pid", "pings", "cache")}
                                   for r in res]}
         return self.health
 
@@ -304,6 +287,71 @@ class ShardRouter:
 
     async def blocked(self, limit: int) -> list:
         return sorted(await self.call_shard(0, "blocked", limit))[:limit]
+
+class ShardRouter(_Router):
+    """The states in ``n_shards`` named actors (``serve.state_in: actors``); re-resolves a
+    shard whose actor died (a killed actor is re-created from its name and reloads the
+    store)."""
+
+    def __init__(self, state_path: str, params: dict, n_shards: int, max_batch: int = 32, retries: int = 5,
+                 timeout_s: float = 10.0, health_interval_s: float = 2.0, store_opts: Optional[dict] = None,
+                 resolve: bool = True):
+        super().__init__(shard_names(state_path, params, n_shards), max_batch, timeout_s, health_interval_s)
+        self.state_path, self.params, self.retries = state_path, params, retries
+        self.store_opts = store_opts or {}
+        self.handles = [self._resolve(i) for i in range(n_shards)] if resolve else [None] * n_shards
+
+    def _resolve(self, i: int):
+        # A SQLite file lives on one host's local disk: its shard actors run on the head node
+        # (where `serve run` created the file), whichever node asks; PostgreSQL: anywhere.
+        pin = {} if is_postgres(self.state_path) else {"resources": {HEAD_RESOURCE: 0.001}}
+        return FilterShard.options(name=self.names[i], namespace=NAMESPACE, get_if_exists=True, **pin).remote(
+            self.state_path, self.params, i, self.n, self.store_opts)
+
+    async def call_shard(self, i: int, method: str, *args, timeout_s: Optional[float] = None) -> Any:
+        """One call with a deadline (retries on a dead actor included); past it, or after
+        the retries, :class:`ShardUnavailable` (the request fails closed: 503)."""
+        limit = self.timeout_s if timeout_s is None else timeout_s
+        deadline = time.monotonic() + limit
+        last: Optional[BaseException] = None
+        for attempt in range(self.retries):
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            try:
+                return await asyncio.wait_for(getattr(self.handles[i], method).remote(*args), timeout=left)
+            except asyncio.TimeoutError:
+                raise ShardUnavailable(f"filter shard {i} did not answer within {limit:g} s") from None
+            except ACTOR_ERRORS as e:       # died for good (or is restarting): find or re-create it
+                last = e
+                await asyncio.sleep(min(0.05 * 2 ** attempt, max(0.0, deadline - time.monotonic())))
+                self.handles[i] = self._resolve(i)
+        raise ShardUnavailable(f"filter shard {i} is unavailable ({type(last).__name__ if last else 'deadline'})")
+
+
+class LocalRouter(_Router):
+    """The store held by the replica itself (``serve.state_in: replica``): no actor hop on
+    the hot path.  Each batch of checks is still one transaction on the shared store (SQLite
+    file or PostgreSQL) that re-reads every client's stored version, so any number of
+    replicas hold it at once exactly as any number of shard actors may; the store's calls
+    run on one worker thread of the replica, under the same deadline (past it: 503, fail
+    closed)."""
+
+    def __init__(self, state_path: str, params: dict, max_batch: int = 32, timeout_s: float = 10.0,
+                 health_interval_s: float = 2.0, store_opts: Optional[dict] = None):
+        from concurrent.futures import ThreadPoolExecutor
+        super().__init__(["replica-local"], max_batch, timeout_s, health_interval_s)
+        self.service = ShardService(state_path, params, 0, 1, store_opts)
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="raymia-filter")
+
+    async def call_shard(self, i: int, method: str, *args, timeout_s: Optional[float] = None) -> Any:
+        limit = self.timeout_s if timeout_s is None else timeout_s
+        fut = asyncio.get_running_loop().run_in_executor(self.pool, getattr(self.service, method), *args)
+        try:
+            return await asyncio.wait_for(fut, timeout=limit)
+        except asyncio.TimeoutError:
+            raise ShardUnavailable(f"the filter state store did not answer within {limit:g} s") from None
+
 
 
 @ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=3)

@@ -92,6 +92,30 @@ class LiveServe:
     def admin(self, method: str, path: str):
         return self.client().request(method, path, headers={"Authorization": f"Bearer {self.admin_token}"})
 
+    def replica_actors(self):
+        """(name, handle) of every live replica of the app."""
+        import ray
+        out = []
+        for a in ray.util.list_named_actors(all_namespaces=True):
+            if a["name"].startswith(f"SERVE_REPLICA::{SERVE_APP}#"):
+                try:
+                    out.append((a["name"], ray.get_actor(a["name"], namespace=a["namespace"])))
+                except ValueError:
+                    pass
+        return out
+
+    def wait_healthy(self, timeout_s: float = 60.0):
+        import time
+        deadline = time.time() + timeout_s
+        while time.time() < deadline:
+            try:
+                if self.client().healthz().status == 200:
+                    return
+            except OSError:
+                pass
+            time.sleep(0.3)
+        raise AssertionError("the app did not come back")
+
     def shard_actors(self):
         """(name, handle) of every filter shard actor of the current state file."""
 

@@ -218,6 +218,34 @@ def test_shard_call_deadline_fails_closed_with_503():
     assert asyncio.run(go()) < 2.0
 
 
+def test_replica_held_store_two_replicas_count_concurrent_checks_exactly(store_at):
+    """``serve.state_in: replica``: two routers (two replicas' worth) hold one store and
+    check 32 concurrent identical queries of one client between them: exactly three are
+    answered (Algorithm 2, L_sp = 4), every query is counted once, both routers learn of
+    the block; a store call past the deadline fails closed."""
+    from serve.state import LocalRouter, ShardUnavailable
+    p = FilterParams()
+    FilterStateStore(store_at, p).close()
+    face = img(np.random.default_rng(3))
+
+    async def go():
+        a, b = (LocalRouter(str(store_at), p.to_dict(), 8, timeout_s=10) for _ in range(2))
+        vs = await asyncio.gather(*[(a if i % 2 else b).check("burst", face, f"q{i}") for i in range(32)])
+        st = await a.call("burst", "inspect")
+        refused = [v for v in vs if not v["safe"]]
+        # a store call slower than the deadline: ShardUnavailable (the app answers 503)
+        a.timeout_s = 0.2
+        a.service.check_many = lambda items: time.sleep(2) or []
+        t0 = time.perf_counter()
+        with pytest.raises(ShardUnavailable, match=r"did not answer within 0.2 s"):
+            await a.check("late", face, "late-1")
+        return vs, st, refused, time.perf_counter() - t0, a.is_blocked("burst"), b.is_blocked("burst")
+    vs, st, refused, took, a_knows, b_knows = asyncio.run(go())
+    assert sum(v["safe"] for v in vs) == 3 and len(refused) == 29
+    assert st["n_queries"] == 32 and st["blocked"] and st["count"] == p.l_sp
+    assert a_knows and b_knows and took < 1.5
+
+
 # ----------------------------------------------------------------------------- concurrent holders, a kill
 
 def _worker(locator, name, batches, order, seed):

@@ -114,3 +114,24 @@ def test_pickled_code_is_refused(tmp_path):
     # clean tensors-only .pt loads
     torch.save({"w": torch.ones(2)}, tmp_path / "ok.pt")
     assert torch.equal(load_state(tmp_path / "ok.pt")["w"], torch.ones(2))
+
+
+def test_a_trial_waits_for_an_artifact_its_sibling_trains(tmp_path):
+    """One training phase holds R_dmy and the G it needs: R_dmy's trial waits until G's
+    artifact is stored (written atomically by the sibling trial), and gives up with a clear
+    error after its deadline."""
+    import threading
+    from raymia.config import load_config
+    from raymia.distributed.training import _job, wait_for_artifacts
+    from raymia.kinds import artifact_dir, kind
+    cfg = load_config("smoke", [f"run.out_root={tmp_path}"])
+    assert kind("dummy-calibrated").needs == ("gan",) and _job("dummy-paper@1") == ("dummy-paper", 1)
+    with pytest.raises(RuntimeError, match="gan did not appear within 0 s"):
+        wait_for_artifacts(cfg, ["gan"], timeout_s=0.3, poll_s=0.1)
+    g = artifact_dir(cfg, "gan")
+    t = threading.Timer(0.5, lambda: save_artifact(g, {"model": {"w": torch.zeros(1)}}, {"kind": "gan"}))
+    t.start()
+    wait_for_artifacts(cfg, ["gan"], timeout_s=30, poll_s=0.1)
+    t.join()
+    from raymia.artifacts import artifact_exists
+    assert artifact_exists(g)

@@ -47,7 +47,8 @@ def label_only_mia(oracle: Oracle, generator: torch.nn.Module, targets: Sequence
     """Run the label-only attack for every row of ``oracle`` (any oracle: only labels
     are read).  See the module docstring for the parameters.  ``result.extra`` holds per
     row ``found`` (a start labelled the target was found), ``radius`` (final R),
-    ``final_is_target`` and ``init_queries``."""
+    ``final_is_target``, ``init_queries`` (queries spent on starting draws; for a found row
+    the number of the start's own query) and ``start_latent`` (the start)."""
     n = check_rows(generator, oracle, targets, seeds)
     device = torch.device(device)
     if points < 1 or r0 <= 0 or growth <= 1 or step <= 0:
@@ -63,6 +64,7 @@ def label_only_mia(oracle: Oracle, generator: torch.nn.Module, targets: Sequence
     rounds = np.zeros(n, np.int64)
     queries, sent = np.zeros(n, np.int64), np.zeros(n, np.int64)
     init_q = np.zeros(n, np.int64)
+    z_start = z.clone()
     blocked_at = np.zeros(n, np.int64)
     done = np.zeros(n, bool)
     calls0, t0 = oracle.calls, time.time()
@@ -125,6 +127,9 @@ def label_only_mia(oracle: Oracle, generator: torch.nn.Module, targets: Sequence
                 hit = np.flatnonzero(okr & (labr == t[r]))
                 z[r] = zr[hit[0]] if hit.size else zr[-1]
                 found[r] = bool(hit.size)
+                if found[r]:
+                    z_start[r] = z[r]
+                    init_q[r] += int(hit[0]) + 1 - k      # the start's own query number
                 continue
             rounds[r] += 1
             out = okr & (labr != t[r])
@@ -162,4 +167,4 @@ def label_only_mia(oracle: Oracle, generator: torch.nn.Module, targets: Sequence
     return QueryAttackResult(z, images, z.clone(), torch.as_tensor(final_is_target, dtype=torch.float32), queries,
                              sent, blocked_at, rounds, budgets, time.time() - t0, oracle.calls - calls0,
                              extra={"found": found, "radius": radius, "init_queries": init_q,
-                                    "final_is_target": final_is_target})
+                                    "final_is_target": final_is_target, "start_latent": z_start})

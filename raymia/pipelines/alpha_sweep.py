@@ -117,6 +117,10 @@ def run(cfg, out=None, address=None) -> Path:
     alphas = alpha_grid(cfg.sweep)
     write_run_record(out, cfg, {"targets": targets, "alphas": alphas})
 
+    # every model both draws need, in one training phase (R_dmy starts as soon as G is done)
+    from ..distributed.training import ensure_artifacts
+    ensure_artifacts(cfg, list(BASE_KINDS) + [dummy_kind(v).name for v in cfg.sweep.variants], address,
+                     draws=[cfg.dummy.draw + 1] if cfg.sweep.report_draw else [])
     trials, floors = sweep_rows(cfg, out, bundle, address)
     trials.to_parquet(out / "alpha_trials.parquet", index=False)
     device = pick_device(cfg.run.device)

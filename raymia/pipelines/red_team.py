@@ -147,6 +147,16 @@ def attack_rows(cfg: Config, bundle, gates: dict, device) -> list:
                 rows.append({"attack": aname, "filter": gname, "row": r, "target": targets[r], "seed": seeds[r],
                              "answered": int(oracle.answered[r]), "blocked_at": int(oracle.blocked_at[r]),
                              **{k: float(v[r]) for k, v in s.items() if k.endswith(("top1", "top5"))}})
+            if labels_only and gate is None and "start_latent" in res.extra:
+                # where the label-only attack's success comes from: its start, the first random
+                # draw of F labelled the target (before any near-duplicate query)
+                from ..attacks.blackbox import render
+                start = scorer.score(render(F, res.extra["start_latent"], device), targets)
+                iq = np.asarray(res.extra["init_queries"])
+                for r in range(n):
+                    rows.append({"attack": f"{aname}: its start point", "filter": gname, "row": r,
+                                 "target": targets[r], "seed": seeds[r], "answered": int(iq[r]), "blocked_at": 0,
+                                 **{k: float(v[r]) for k, v in start.items() if k.endswith(("top1", "top5"))}})
             say(f"{aname} / filter {gname}: {time.time() - t0:.0f}s, "
                  f"median answered {np.median(oracle.answered):.0f}, R_E top-5 {np.mean(s['success_top5']):.0%}")
     return rows

@@ -2,7 +2,8 @@
 with hierarchical CIs — the numbers the README reports.
 
 Each (seed, fold) unit is a whole α sweep (its own R_T, R_E, G, F, R_dmy; selection
-draw and report draw) under ``<out_root>/<run.name>-s<seed>-f<fold>/``, so the study is
+draw and report draw) under ``<out_root>/<run.name>-s<seed>-f<fold>/`` (the unit of the
+config's own seed and fold: its own run, ``<out_root>/<run.name>/``), so the study is
 resumable: a rerun reuses every finished unit.  Pooled per variant, judge and draw: the
 report draw's per-target success at the α each unit selected, resampled by units and
 then by targets within units (:func:`raymia.evaluation.hierarchical_bootstrap`); the
@@ -25,8 +26,14 @@ from . import alpha_sweep
 
 
 def unit_config(cfg: Config, seed: int, fold: int) -> Config:
+    """The α sweep of one (seed, fold) unit.  The unit equal to ``cfg`` itself (its own
+    seed and fold) is ``cfg``'s run: for the default preset, exactly what ``make demo``
+    ran and wrote under ``runs/orl/``, so the study reuses it instead of repeating it."""
     c = copy.deepcopy(cfg)
+    same = int(seed) == cfg.run.seed and int(fold) == cfg.data.fold
     c.run.seed, c.data.fold = int(seed), int(fold)
+    if same:
+        return c
     c.run.name = f"{cfg.run.name}-s{seed}-f{fold}"
     c.search.seeds = [s for s in c.search.seeds if s != c.run.seed] or [c.run.seed + 1]
     return c
