@@ -86,6 +86,15 @@ def test_label_only_beats_chance_on_undefended_model(qmodels):
     s = _success(m["scorer"], res.images, targets)
     print("label-only", s, "queries", res.queries.mean(), "found", res.extra["found"].mean())
     assert s["success_top5"] >= 0.35, s      # >= 4 of 10 rows (measured: 4 of 10; chance 2.5)
+    # the start of each found row: labelled the target, found at query init_queries
+    found = res.extra["found"]
+    assert found.any()
+    from raymia.attacks.blackbox import render
+    with torch.no_grad():
+        lab = m["rt"](render(m["F"], res.extra["start_latent"], "cpu")).argmax(1).numpy()
+    assert (lab[found] == np.asarray(targets)[found]).all()
+    iq = np.asarray(res.extra["init_queries"])
+    assert ((iq >= 1) & (iq <= res.queries))[found].all()
 
 
 def label_kwargs(qa):
