@@ -105,6 +105,10 @@ def test_defense_lowers_re_success_and_keeps_accuracy(smoke_sweep):
     undefended = summary[(summary["variant"] == "calibrated") & (summary["alpha"] == 1.0)].iloc[0]
     assert r["mia_success_top5"] < undefended["mia_success_top5"]
     assert r["accuracy"] >= rec["accuracy_rt"] - rec["tolerance"] - 1e-9
+    # and on the fresh report draw (new restarts, new R_dmy seed) it still lies below alpha = 1
+    rep = pd.read_csv(out / "report_summary.csv").set_index(["variant", "alpha"]).mia_success_top5
+    assert rec["report"]["calibrated"]["alpha"] == r["alpha"]
+    assert rep[("calibrated", r["alpha"])] < rep[("calibrated", 1.0)]
 
 
 def test_calibration_lowers_dummy_confidence_on_real_faces(smoke_sweep):

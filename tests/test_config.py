@@ -48,7 +48,8 @@ def test_unknown_preset():
 def test_alpha_grid_default_step():
     cfg = load_config("orl")
     g = alpha_grid(cfg.sweep)
-    assert g[0] == 1.0 and g[-1] == 0.0 and len(g) == 11            # orl: step 0.1 (2-core budget)
+    assert g[0] == 1.0 and g[-1] == 0.0 and len(g) == 6             # orl: step 0.2 (2-core budget)
+    assert len(alpha_grid(load_config("orl_large").sweep)) == 11    # orl_large: step 0.1
 
 
 @pytest.mark.parametrize("step, expected", [

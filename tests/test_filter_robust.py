@@ -164,7 +164,14 @@ def test_red_team_pipeline_on_smoke(smoke_runs, tmp_path):
     plain = st[(st.strategy == "dither") & (st["stream"] == "plain")].set_index(["filter", "face"]).answered
     assert (plain["raha"] == 12).all() and (plain["robust"] <= 6).all()
     att = pd.read_csv(out / "attacks.csv")
+    start = att[att.attack == "label-only: its start point"]
+    att = att[att.attack != "label-only: its start point"]
     assert set(att["filter"]) == {"none", "raha", "robust", "robust+cross"} and len(att) == 2 * 4 * 2
+    # the label-only start point: one row per attack row, only behind no filter, and it cost
+    # queries no later than the attack's own (it is where the attack began)
+    assert len(start) == 2 and set(start["filter"]) == {"none"}
+    lo = att[(att.attack == "label-only") & (att["filter"] == "none")].set_index("row").answered
+    assert (start.set_index("row").answered <= lo).all()
     assert (att.answered <= 120).all()
     free = att[att["filter"] == "none"]
     assert (free.blocked_at == 0).all()

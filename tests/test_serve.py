@@ -6,6 +6,7 @@ import io
 import json
 import subprocess
 import sys
+import time
 import zlib
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -216,59 +217,6 @@ def test_32_concurrent_requests_of_one_client_count_exactly(serve_app, serve_art
     assert sorted(b) == [200] * 3 + [403] * 29
     st = state(serve_app, "burst-same")
     assert st["n_queries"] == 32 and st["count"] == cfg.filter.l_sp and st["blocked"]
-
-
-def test_blocked_client_stays_blocked_after_actor_kill_and_app_restart(serve_app, serve_artifacts, ray_session,
-                                                                      tmp_path):
-    """``serve.state_in: actors``: the block survives the shard actor's death (for good and
-    as a crash) and the whole app's deletion (its shard actors go with it)."""
-    ray = ray_session
-    from ray import serve as rserve
-    from conftest import SERVE_APP
-    _, bundle = serve_artifacts
-    x, _ = faces(bundle)
-    original = serve_app.cfg
-    cfg = config_from_dict(original.to_dict())
-    cfg.serve.state_in, cfg.serve.state_path = "actors", str(tmp_path / "actors_state.sqlite")
-    serve_app.deploy(cfg)
-    try:
-        _actor_kill_story(serve_app, x, ray, rserve, SERVE_APP)
-    finally:
-        serve_app.deploy(original)
-
-
-def _actor_kill_story(serve_app, x, ray, rserve, SERVE_APP):
-    frank = serve_app.client("frank")
-    assert [frank.predict(img).status for img in x[20:23]] == [200] * 3
-    eve = serve_app.client("eve")
-    assert [eve.predict(x[7]).status for _ in range(5)] == [200, 200, 200, 403, 403]
-    n = serve_app.cfg.serve.shards
-    shards = dict(serve_app.shard_actors())
-    name = list(shards)[shard_of("eve", n)]
-    pid = ray.get(shards[name].ping.remote())["pid"]
-    ray.kill(shards[name])                                 # for good: the replica re-creates it
-    assert eve.predict(x[8]).status == 403                 # refused by the replica's set of blocked ids
-    assert state(serve_app, "eve")["blocked"]              # the re-created actor read the block from the file
-    assert ray.get(dict(serve_app.shard_actors())[name].ping.remote())["pid"] != pid
-    ray.kill(dict(serve_app.shard_actors())[name], no_restart=False)   # a crash: Ray restarts it
-    assert eve.predict(x[9]).status == 403
-    assert state(serve_app, "eve")["blocked"]
-    # the whole app: delete it (its shard actors go with its replica: not detached), deploy again
-    rserve.delete(SERVE_APP)
-    import time
-    deadline = time.time() + 60
-    while serve_app.shard_actors() and time.time() < deadline:
-        time.sleep(0.5)
-    assert serve_app.shard_actors() == []
-    serve_app.deploy()
-    assert eve.predict(x[10]).status == 403
-    st = state(serve_app, "eve")
-    assert st["blocked"] and st["n_queries"] == 8
-    assert state(serve_app, "frank")["n_queries"] == 3     # every other client's state is back too
-    assert frank.predict(x[23]).status == 200
-    r = serve_app.admin("POST", "/admin/clients/eve/unblock")
-    assert r.status == 200 and r.body["unblocked"] and not r.body["blocked"]
-    assert eve.predict(x[11]).status == 200
 
 
 def test_admin_endpoints_api_keys_and_labels_only(serve_app, serve_artifacts, tmp_path):
@@ -486,24 +434,25 @@ def test_short_admin_token_is_refused_at_start_up(serve_artifacts):
         raymia_serve.build_app(serve_artifacts[0], "smoke", admin_token="short-token")
 
 
-@pytest.mark.parametrize("state_in", ["replica", "actors"])
+@pytest.mark.parametrize("backend, state_in", [("postgresql", "replica"), ("sqlite", "actors")])
 def test_two_replicas_count_concurrent_requests_and_blocks_survive_shard_and_app_kills(
-        serve_app, serve_artifacts, ray_session, store_at, state_in):
-    """The app with two replicas on each store backend (a SQLite file; ``serve.state_url``
-    on the suite's PostgreSQL server), the state held by the replicas or by shard actors:
-    32 concurrent identical queries are served exactly three times, and the block survives
-    the death of what holds the state (a replica; the shard actor) and the whole app's
-    deletion and redeployment (read back from the store)."""
+        serve_app, serve_artifacts, ray_session, backend, state_in, request, tmp_path):
+    """The app with two replicas, as a cluster runs it (the state in the replicas, on the
+    suite's PostgreSQL server via ``serve.state_url``) and as one node can (the state in
+    shard actors, on a SQLite file): 32 concurrent identical queries are served exactly three
+    times, and the block survives the death of what holds the state (a replica; the shard
+    actor, killed for good and crashed) and the whole app's deletion (its shard actors go
+    with it) and redeployment (read back from the store)."""
     ray = ray_session
     from ray import serve as rserve
     from conftest import SERVE_APP
     _, bundle = serve_artifacts
     x, _ = faces(bundle)
     cfg = config_from_dict(serve_app.cfg.to_dict())
-    if isinstance(store_at, str):
-        cfg.serve.state_url = store_at
+    if backend == "postgresql":
+        store_at = cfg.serve.state_url = request.getfixturevalue("pg_url")
     else:
-        cfg.serve.state_path = str(store_at)
+        store_at = cfg.serve.state_path = str(tmp_path / "state.sqlite")
     cfg.serve.replicas, cfg.serve.replica_cpus, cfg.serve.state_in = 2, 0.5, state_in
     old = serve_app.cfg
     serve_app.deploy(cfg)
@@ -518,23 +467,33 @@ def test_two_replicas_count_concurrent_requests_and_blocks_survive_shard_and_app
         assert st["n_queries"] == 32 and st["blocked"]
         if state_in == "actors":
             name = list(dict(serve_app.shard_actors()))[shard_of("burst-2r", cfg.serve.shards)]
-            ray.kill(dict(serve_app.shard_actors())[name])   # kill -9: a replica re-creates it from the store
+            pid = ray.get(dict(serve_app.shard_actors())[name].ping.remote())["pid"]
+            ray.kill(dict(serve_app.shard_actors())[name])   # for good: a replica re-creates it from the store
+            assert serve_app.client("burst-2r").predict(x[13]).status == 403
+            assert state(serve_app, "burst-2r")["blocked"]   # the re-created actor read the block back
+            assert ray.get(dict(serve_app.shard_actors())[name].ping.remote())["pid"] != pid
+            ray.kill(dict(serve_app.shard_actors())[name], no_restart=False)   # a crash: Ray restarts it
         else:
             assert serve_app.shard_actors() == []            # no actor hop: the replicas hold the store
             replicas = serve_app.replica_actors()
             assert len(replicas) == 2
             ray.kill(replicas[0][1])                         # kill -9 of a replica: Serve starts a new one
             serve_app.wait_healthy()
-        assert serve_app.client("burst-2r").predict(x[13]).status == 403
+        assert serve_app.client("burst-2r").predict(x[14]).status == 403
         assert state(serve_app, "burst-2r")["blocked"]
-        assert serve_app.client("other-2r").predict(x[14]).status == 200
-        assert settled(serve_app, "burst-2r", 33)["n_queries"] == 33   # flushed before the app goes
+        assert serve_app.client("other-2r").predict(x[16]).status == 200
+        n = 34 if state_in == "actors" else 33
+        assert settled(serve_app, "burst-2r", n)["n_queries"] == n   # flushed before the app goes
         rserve.delete(SERVE_APP)                             # the whole app, then a new one on the same store
+        deadline = time.time() + 60
+        while serve_app.shard_actors() and time.time() < deadline:
+            time.sleep(0.5)
+        assert serve_app.shard_actors() == []                # not detached: they went with the app
         serve_app.deploy(cfg)
         assert serve_app.client("burst-2r").predict(x[15]).status == 403
         st = state(serve_app, "burst-2r")
-        assert st["blocked"] and st["n_queries"] == 34
-        assert serve_app.client("other-2r").predict(x[16]).status == 200
+        assert st["blocked"] and st["n_queries"] == n + 1
+        assert serve_app.client("other-2r").predict(x[17]).status == 200
     finally:
         serve_app.deploy(old)
 
