@@ -34,7 +34,7 @@ def render_grid(cfg, models, trials: pd.DataFrame, bundle, out: Path) -> Path:
     recon = {}
     with torch.no_grad():
         for r in sel.itertuples():
-            z = torch.as_tensor(r.latent, dtype=torch.float32)[None].to(models.device)
+            z = torch.tensor(r.latent, dtype=torch.float32)[None].to(models.device)   # a copy: parquet arrays are read-only
             recon[(r.variant, r.alpha, r.target)] = models.attacker_gen(z)[0].cpu()
     real = {t: bundle.private_train.x[bundle.private_train.y == t][0] for t in targets}
     anchors = {v: {t: x[models.anchor_labels[v] == t][0] for t in targets} for v, x in models.anchors.items()}
