@@ -112,3 +112,27 @@ def test_study_pools_units_at_their_selected_alpha():
     und = out[(out["draw"] == "selection") & (out["judge"] == "re") & (out["alpha"] == "alpha=1")].iloc[0]
     assert und["top5"] == 1.0
     assert set(out["judge"]) == {"re", "external"}
+
+
+def test_study_compares_the_deployed_defenses_paired():
+    """calibrated - paper, each at its own selected α, per target within a unit: target t's
+    difference is -(t % 2), whatever the targets' order, so the pooled estimate is -2/5 in
+    both units and its CI is the targets' spread, not zero."""
+    import pandas as pd
+    from raymia.pipelines.study import pool
+
+    def unit(a_cal, a_pap):
+        rows = []
+        for v, a_sel in (("calibrated", a_cal), ("paper", a_pap)):
+            for a in (1.0, a_sel):
+                for t in (4, 0, 3, 1, 2):
+                    hit = 1.0 if a == 1.0 else (0.0 if v == "calibrated" else float(t % 2))
+                    rows.append({"variant": v, "alpha": a, "target": t, "restart": 0, "success_top5": hit})
+        t = pd.DataFrame(rows)
+        return {"trials": t, "report_trials": t,
+                "rec": {"variants": {"calibrated": {"alpha": a_cal}, "paper": {"alpha": a_pap}}}}
+    out = pool([unit(0.2, 0.6), unit(0.4, 0.6)], 500, 0)
+    d = out[(out["variant"] == "calibrated - paper") & (out["draw"] == "report")].iloc[0]
+    assert d["units"] == 2 and d["alphas"] == "0.2/0.6,0.4/0.6" and d["judge"] == "re"
+    assert d["top5"] == pytest.approx(-0.4)
+    assert -1.0 <= d["ci_low"] < -0.4 < d["ci_high"] <= 0.0

@@ -32,7 +32,7 @@ def test_gan_step_trains(orl_smoke):
     for _ in range(15):
         loss = sp(-D(real)).mean() + sp(D(G(z).detach())).mean()
         od.zero_grad(); loss.backward(); od.step()
-        d_losses.append(float(loss))
+        d_losses.append(float(loss.detach()))
     assert d_losses[-1] < d_losses[0] * 0.7
     before = float(D(G(z)).mean())
     for _ in range(3):

@@ -39,14 +39,40 @@ def unit_config(cfg: Config, seed: int, fold: int) -> Config:
     return c
 
 
-def _per_target(trials: pd.DataFrame, variant: str, alpha: float, col: str) -> list:
+def _per_target(trials: pd.DataFrame, variant: str, alpha: float, col: str) -> pd.Series:
     g = trials[(trials["variant"] == variant) & (trials["alpha"] == alpha)]
-    return g.groupby("target")[col].mean().tolist()
+    return g.groupby("target")[col].mean()
+
+
+def _paired_rows(units: list[dict], first: str, second: str, n_boot: int, seed: int) -> list[dict]:
+    """The deployed defenses compared paired: per unit and target, ``second`` at its selected
+    α minus ``first`` at its selected α (same targets, restarts, anchors and seeds within a
+    unit), pooled with the same hierarchical bootstrap (units, then targets)."""
+    rows = []
+    for draw, key in (("selection", "trials"), ("report", "report_trials")):
+        if key not in units[0]:
+            continue
+        for j in ["re"] + judge_names(units[0][key]):
+            col = "success_top5" if j == "re" else f"{j}_top5"
+            groups, alphas = [], []
+            for u in units:
+                a, b = (u["rec"]["variants"].get(v, {}).get("alpha") for v in (first, second))
+                if a is None or b is None or key not in u:
+                    continue
+                d = (_per_target(u[key], second, float(b), col) - _per_target(u[key], first, float(a), col)).dropna()
+                if len(d):
+                    groups.append(d.tolist())
+                    alphas.append(f"{b:g}/{a:g}")
+            est, lo, hi = hierarchical_bootstrap(groups, n_boot, seed)
+            rows.append({"variant": f"{second} - {first}", "draw": draw, "judge": j, "alpha": "selected",
+                         "units": len(groups), "alphas": ",".join(alphas), "top5": est, "ci_low": lo, "ci_high": hi})
+    return rows
 
 
 def pool(units: list[dict], n_boot: int, seed: int) -> pd.DataFrame:
     """One row per (variant, draw, judge): estimate and hierarchical 95% CI over units
-    and targets, at the α each unit selected; plus α = 1 (undefended) for reference."""
+    and targets, at the α each unit selected; plus α = 1 (undefended) for reference, and
+    ``calibrated - paper`` paired (each at its selected α)."""
     rows = []
     variants = sorted({v for u in units for v in u["rec"]["variants"]})
     for v in variants:
@@ -60,7 +86,7 @@ def pool(units: list[dict], n_boot: int, seed: int) -> pd.DataFrame:
                         a = 1.0 if where == "alpha=1" else u["rec"]["variants"][v].get("alpha")
                         if a is None or key not in u:
                             continue
-                        vals = _per_target(u[key], v, float(a), col)
+                        vals = _per_target(u[key], v, float(a), col).tolist()
                         if vals:
                             groups.append(vals)
                             alphas.append(float(a))
@@ -68,6 +94,8 @@ def pool(units: list[dict], n_boot: int, seed: int) -> pd.DataFrame:
                     rows.append({"variant": v, "draw": draw, "judge": j, "alpha": where, "units": len(groups),
                                  "alphas": ",".join(f"{a:g}" for a in alphas), "top5": est, "ci_low": lo,
                                  "ci_high": hi})
+    if {"paper", "calibrated"} <= set(variants):
+        rows += _paired_rows(units, "paper", "calibrated", n_boot, seed)
     return pd.DataFrame(rows)
 
 
