@@ -34,11 +34,11 @@ def test_gan_step_trains(orl_smoke):
         od.zero_grad(); loss.backward(); od.step()
         d_losses.append(float(loss.detach()))
     assert d_losses[-1] < d_losses[0] * 0.7
-    before = float(D(G(z)).mean())
+    before = float(D(G(z)).mean().detach())
     for _ in range(3):
         g_loss = sp(-D(G(z))).mean()
         og.zero_grad(); g_loss.backward(); og.step()
-    assert float(D(G(z)).mean()) > before
+    assert float(D(G(z)).mean().detach()) > before
 
 
 def test_train_gan_moves_samples_towards_the_data(orl_smoke):
