@@ -199,6 +199,9 @@ class SweepCfg:
     grid_alphas: list = field(default_factory=lambda: [1.0, 0.7, 0.5, 0.25, 0.1])
     bootstrap: int = 1000
     accuracy_tolerance: float = 0.01
+    # how an alpha qualifies (evaluation.admissible): "point" = accuracy >= R_T - tolerance;
+    # "ci" = or the drop's paired 95% bootstrap CI over the test images reaches down to the tolerance
+    accuracy_rule: Literal["point", "ci"] = "ci"
     report_draw: bool = True     # report the selected alpha on a fresh draw (new R_dmy seed and new restarts)
 
 

@@ -169,14 +169,30 @@ def paired_differences(trials: pd.DataFrame, variants: Sequence[str], judges: Se
 
 
 @torch.no_grad()
-def accuracy_by_alpha(combined, test: Split, alphas: Sequence[float], device) -> dict[float, float]:
-    """Accuracy of R' on ``test`` for every alpha from one forward pass of each branch."""
+def correct_by_alpha(combined, test: Split, alphas: Sequence[float], device) -> tuple[np.ndarray, dict]:
+    """Per test image: whether R_T alone is right, and whether R' is right at each alpha
+    (one forward pass of each branch)."""
     p_t, p_d = [], []
     for i in range(0, len(test), 512):
         a, b = combined.branch_probs(test.x[i:i + 512].to(device))
         p_t.append(a.cpu()); p_d.append(b.cpu())
     p_t, p_d = torch.cat(p_t), torch.cat(p_d)
-    return {float(a): float((combined.mix(p_t, p_d, float(a)).argmax(1) == test.y).float().mean()) for a in alphas}
+    rt = (p_t.argmax(1) == test.y).numpy()
+    return rt, {float(a): (combined.mix(p_t, p_d, float(a)).argmax(1) == test.y).numpy() for a in alphas}
+
+
+def accuracy_rows(combined, test: Split, alphas: Sequence[float], device, n_boot: int = 1000,
+                  seed: int = 0) -> list[dict]:
+    """Per alpha: R''s accuracy and its drop against R_T on the same images (``acc_drop``)
+    with a paired bootstrap 95% CI over the images (``acc_drop_ci_low/high``)."""
+    rt, by = correct_by_alpha(combined, test, alphas, device)
+    rows = []
+    for a, c in by.items():
+        d = rt.astype(float) - c.astype(float)
+        lo, hi = bootstrap_ci(d, n_boot, seed)
+        rows.append({"alpha": a, "accuracy": float(c.mean()), "acc_drop": float(d.mean()),
+                     "acc_drop_ci_low": lo, "acc_drop_ci_high": hi})
+    return rows
 
 
 def judge_names(trials: pd.DataFrame) -> list[str]:
@@ -217,14 +233,28 @@ def summarize(trials: pd.DataFrame, accuracy: pd.DataFrame, n_boot: int = 1000, 
     return out.sort_values(["variant", "alpha"], ascending=[True, False]).reset_index(drop=True)
 
 
-def recommend(summary: pd.DataFrame, acc_target: float, tolerance: float) -> dict:
-    """Per variant: the alpha with the lowest per-trial MIA success among those whose
-    accuracy stays >= accuracy(R_T) - tolerance (ties: the larger alpha)."""
+def admissible(g: pd.DataFrame, acc_target: float, tolerance: float, rule: str = "point") -> pd.Series:
+    """Which alphas keep the accuracy.  ``point``: accuracy >= accuracy(R_T) - tolerance (on a
+    small test set one image decides).  ``ci``: also every alpha whose accuracy drop against R_T
+    is not shown to exceed the tolerance, i.e. the lower end of the drop's paired 95% bootstrap
+    CI over the test images is <= tolerance (on 60 images: up to 3 images lost)."""
+    ok = g["accuracy"] >= acc_target - tolerance - 1e-9
+    if rule == "ci":
+        if "acc_drop_ci_low" not in g:
+            raise ValueError("accuracy rule 'ci' needs the accuracy drop's CI (evaluation.accuracy_rows)")
+        ok = ok | (g["acc_drop_ci_low"] <= tolerance + 1e-9)
+    return ok
+
+
+def recommend(summary: pd.DataFrame, acc_target: float, tolerance: float, rule: str = "point") -> dict:
+    """Per variant: the alpha with the lowest per-trial MIA success among the admissible ones
+    (:func:`admissible`; ties: the larger alpha)."""
     rec = {}
     for variant, g in summary.groupby("variant"):
-        ok = g[g["accuracy"] >= acc_target - tolerance - 1e-9]
+        ok = g[admissible(g, acc_target, tolerance, rule)]
         if ok.empty:
-            rec[variant] = {"alpha": None, "reason": f"no alpha keeps accuracy >= {acc_target - tolerance:.3f}"}
+            rec[variant] = {"alpha": None, "reason": f"no alpha keeps accuracy ({rule} rule, R_T "
+                                                     f"{acc_target:.3f}, tolerance {tolerance:.3f})"}
             continue
         best = ok.sort_values(["mia_success_top5", "alpha"], ascending=[True, False]).iloc[0]
         rec[variant] = {k: (float(v) if isinstance(v, (np.floating, float, int, np.integer)) else v)

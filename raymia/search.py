@@ -28,7 +28,7 @@ from .attacks.adaptive import EOTModel
 from .config import Config, SweepCfg, alpha_grid, apply_override
 from .data import Bundle, load_bundle
 from .defenses.dummy import combined_model, train_dummy
-from .evaluation import accuracy_by_alpha, judge_names, make_scorer, recommend, summarize
+from .evaluation import accuracy_rows, judge_names, make_scorer, recommend, summarize
 from .sweep import SweepModels, attack_chunk, resolve_targets, row_seed, scored_rows
 from .kinds import artifact_dir, dummy_kind
 from .training import load_classifier, load_generator
@@ -71,9 +71,9 @@ def apply_params(cfg: Config, params: dict) -> Config:
     return out
 
 
-def objective(summary: pd.DataFrame, acc_rt: float, tolerance: float) -> dict:
+def objective(summary: pd.DataFrame, acc_rt: float, tolerance: float, rule: str = "point") -> dict:
     """Best alpha of one defense (one variant in ``summary``) and the search objective."""
-    rec = next(iter(recommend(summary, acc_rt, tolerance).values()))
+    rec = next(iter(recommend(summary, acc_rt, tolerance, rule).values()))
     if rec.get("alpha") is None:
         shortfall = float(acc_rt - tolerance - summary["accuracy"].max())
         return {"objective": 1.0 + shortfall, "best_alpha": float("nan"), "feasible": False}
@@ -152,8 +152,8 @@ class DefenseEvaluator:
                                   base.device)
         self.alphas = alpha_grid(SweepCfg(alphas=list(cfg.search.alphas)))
         self.targets = resolve_targets(cfg, base.bundle.n_private)
-        acc = accuracy_by_alpha(self.released, base.bundle.private_test, self.alphas, base.device)
-        self.accuracy = pd.DataFrame({"variant": key, "alpha": list(acc), "accuracy": list(acc.values())})
+        self.accuracy = pd.DataFrame([{"variant": key, **r} for r in accuracy_rows(
+            self.released, base.bundle.private_test, self.alphas, base.device, cfg.sweep.bootstrap, self.seed)])
         if score is None:
             scorer = make_scorer(base.cfg, base.bundle, base.device)
             score, add_anchors = (lambda imgs, t, key, a: scorer.score(imgs, t, key)), scorer.add_anchors
@@ -184,7 +184,7 @@ class DefenseEvaluator:
 
     def result(self) -> dict:
         s = self.summary()
-        out = objective(s, self.base.acc_rt, self.cfg.sweep.accuracy_tolerance)
+        out = objective(s, self.base.acc_rt, self.cfg.sweep.accuracy_tolerance, self.cfg.sweep.accuracy_rule)
         out.update({"rounds_done": len(self.rows), "acc_rt": self.base.acc_rt,
                     "dmy_top_conf_real": self.dummy_metrics.get("dmy_top_conf_real", float("nan"))})
         trials = pd.concat(self.rows, ignore_index=True)

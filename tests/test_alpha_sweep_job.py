@@ -37,6 +37,10 @@ def test_outputs_are_complete(smoke_sweep):
     summary = pd.read_csv(out / "alpha_summary.csv")
     assert set(summary["variant"]) == {"paper", "calibrated"} and len(summary) == 8
     assert {"mia_success_top5", "ci_low", "ci_high", "mia_success_top1", "accuracy"} <= set(summary.columns)
+    # accuracy drop against R_T on the same faces, with its paired CI; none at alpha = 1 (R' = R_T)
+    one = summary[summary["alpha"] == 1.0]
+    assert (one["acc_drop"] == 0).all() and (one["acc_drop_ci_low"] == 0).all() and (one["acc_drop_ci_high"] == 0).all()
+    assert (summary["acc_drop_ci_low"] <= summary["acc_drop"]).all() and (summary["acc_drop"] <= summary["acc_drop_ci_high"]).all()
     rec = json.loads((out / "recommendation.json").read_text())
     assert set(rec["variants"]) == {"paper", "calibrated"} and rec["paper"]["rt_accuracy"] == 0.958
     run = json.loads((out / "run.json").read_text())

@@ -146,6 +146,26 @@ def test_summary_bootstrap_and_recommendation():
     assert lo == hi == 1.0
 
 
+def test_ci_accuracy_rule_does_not_hinge_on_one_image():
+    """On 60 test faces with R_T at 100%: one lost face excludes an alpha under the point rule
+    (tolerance 1 point), not under the CI rule; four lost faces exclude it under both."""
+    from raymia.evaluation import admissible
+    rng = np.random.default_rng(0)
+    rows = []
+    for alpha, lost in ((1.0, 0), (0.6, 1), (0.4, 3), (0.2, 4)):
+        d = np.zeros(60)
+        d[rng.choice(60, lost, replace=False)] = 1.0
+        lo, hi = bootstrap_ci(d, 1000, 0)
+        rows.append({"variant": "calibrated", "alpha": alpha, "accuracy": 1 - lost / 60, "acc_drop_ci_low": lo,
+                     "mia_success_top5": alpha})
+    g = pd.DataFrame(rows)
+    assert admissible(g, 1.0, 0.01, "point").tolist() == [True, False, False, False]
+    assert admissible(g, 1.0, 0.01, "ci").tolist() == [True, True, True, False]
+    assert recommend(g, 1.0, 0.01, "ci")["calibrated"]["alpha"] == 0.4
+    with pytest.raises(ValueError, match="CI"):
+        admissible(g.drop(columns="acc_drop_ci_low"), 1.0, 0.01, "ci")
+
+
 def test_plan_chunks_store_resume(tmp_path):
     cfg = load_config("smoke", ["attack.restarts=2"])
     rows = plan_rows(cfg, 5)

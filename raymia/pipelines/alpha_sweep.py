@@ -14,7 +14,7 @@ import torch
 from ..artifacts import read_manifest, write_run_record
 from ..config import alpha_grid
 from ..data import load_bundle
-from ..evaluation import accuracy_by_alpha, judge_names, make_scorer, paired_differences, recommend, summarize
+from ..evaluation import accuracy_rows, judge_names, make_scorer, paired_differences, recommend, summarize
 from ..kinds import BASE_KINDS, artifact_dir, dummy_kind
 from ..paper import PAPER_DUMMY, dummy_headline
 from ..report import alpha_sweep_plot, markdown_table, mia_grid
@@ -73,10 +73,12 @@ def sweep_rows(cfg, out: Path, bundle, address=None, label: str = "alpha_sweep")
     return trials, floors
 
 
-def accuracy_table(models, bundle, alphas, device) -> pd.DataFrame:
-    """Accuracy of R' on R_T's held-out faces (the paper's test set) per (variant, α)."""
-    return pd.DataFrame([{"variant": v, "alpha": a, "accuracy": acc} for v, comb in models.combined.items()
-                         for a, acc in accuracy_by_alpha(comb, bundle.private_test, alphas, device).items()])
+def accuracy_table(cfg: Config, models, bundle, alphas, device) -> pd.DataFrame:
+    """Accuracy of R' on R_T's held-out faces (the paper's test set) per (variant, α), with
+    its drop against R_T and the drop's paired bootstrap CI."""
+    return pd.DataFrame([{"variant": v, **r} for v, comb in models.combined.items()
+                         for r in accuracy_rows(comb, bundle.private_test, alphas, device, cfg.sweep.bootstrap,
+                                                cfg.run.seed)])
 
 
 def report_config(cfg, rec: dict):
@@ -125,13 +127,13 @@ def run(cfg, out=None, address=None) -> Path:
     trials.to_parquet(out / "alpha_trials.parquet", index=False)
     device = pick_device(cfg.run.device)
     models = load_sweep_models(cfg, device)
-    summary = summarize(trials, accuracy_table(models, bundle, alphas, device), cfg.sweep.bootstrap, cfg.run.seed)
+    summary = summarize(trials, accuracy_table(cfg, models, bundle, alphas, device), cfg.sweep.bootstrap, cfg.run.seed)
     summary.to_csv(out / "alpha_summary.csv", index=False)
     judges = judge_names(trials)
 
     acc_rt = read_manifest(artifact_dir(cfg, "target"))["metrics"]["test_acc"]
     chance = min(1.0, 5.0 / bundle.n_eval)
-    rec = recommend(summary, acc_rt, cfg.sweep.accuracy_tolerance)
+    rec = recommend(summary, acc_rt, cfg.sweep.accuracy_tolerance, cfg.sweep.accuracy_rule)
     scorer = make_scorer(cfg, bundle, device, models.anchors, models.anchor_labels, judges=bool(judges))
     if not floors:
         floors = {v: scorer.anchor_floor(v) for v in cfg.sweep.variants}
@@ -151,13 +153,14 @@ def run(cfg, out=None, address=None) -> Path:
         rtrials, _ = sweep_rows(rcfg, out, bundle, address, label="alpha_sweep report draw")
         rtrials.to_parquet(out / "report_trials.parquet", index=False)
         rmodels = load_sweep_models(rcfg, device)
-        rsummary = summarize(rtrials, accuracy_table(rmodels, bundle, alpha_grid(rcfg.sweep), device),
+        rsummary = summarize(rtrials, accuracy_table(rcfg, rmodels, bundle, alpha_grid(rcfg.sweep), device),
                              cfg.sweep.bootstrap, cfg.run.seed)
         rsummary.to_csv(out / "report_summary.csv", index=False)
         report = report_block(rec, rsummary, judges)
         report["draw"] = {"dummy.draw": rcfg.dummy.draw, "restarts": [rcfg.attack.restart_offset,
                                                                       rcfg.attack.restart_offset + rcfg.attack.restarts]}
-    recommendation = {"accuracy_rt": acc_rt, "tolerance": cfg.sweep.accuracy_tolerance, "top5_chance": chance,
+    recommendation = {"accuracy_rt": acc_rt, "tolerance": cfg.sweep.accuracy_tolerance,
+                      "accuracy_rule": cfg.sweep.accuracy_rule, "top5_chance": chance,
                       "n_eval_classes": bundle.n_eval, "selected_by": "R_E top-5 on the selection draw",
                       "variants": rec, "report": report, "judges": judge_acc, "dummy": info, "paper": PAPER_DUMMY}
     (out / "recommendation.json").write_text(json.dumps(recommendation, indent=2, default=float))
