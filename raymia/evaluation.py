@@ -188,9 +188,8 @@ def accuracy_rows(combined, test: Split, alphas: Sequence[float], device, n_boot
     rt, by = correct_by_alpha(combined, test, alphas, device)
     rows = []
     for a, c in by.items():
-        d = rt.astype(float) - c.astype(float)
-        lo, hi = bootstrap_ci(d, n_boot, seed)
-        rows.append({"alpha": a, "accuracy": float(c.mean()), "acc_drop": float(d.mean()),
+        drop, lo, hi = paired_bootstrap_diff(c, rt, n_boot, seed)      # R_T's correctness minus R''s
+        rows.append({"alpha": a, "accuracy": float(c.mean()), "acc_drop": drop,
                      "acc_drop_ci_low": lo, "acc_drop_ci_high": hi})
     return rows
 

@@ -44,28 +44,39 @@ def _per_target(trials: pd.DataFrame, variant: str, alpha: float, col: str) -> p
     return g.groupby("target")[col].mean()
 
 
+DRAWS = (("selection", "trials"), ("report", "report_trials"))
+
+
+def _draw_judges(units: list[dict]):
+    """(draw, its trials key, judge, the judge's top-5 column) for every draw the units carry."""
+    for draw, key in DRAWS:
+        if key in units[0]:
+            for j in ["re"] + judge_names(units[0][key]):
+                yield draw, key, j, ("success_top5" if j == "re" else f"{j}_top5")
+
+
+def _pooled(groups: list, labels: list[str], n_boot: int, seed: int, **row) -> dict:
+    est, lo, hi = hierarchical_bootstrap(groups, n_boot, seed)
+    return {**row, "units": len(groups), "alphas": ",".join(labels), "top5": est, "ci_low": lo, "ci_high": hi}
+
+
 def _paired_rows(units: list[dict], first: str, second: str, n_boot: int, seed: int) -> list[dict]:
     """The deployed defenses compared paired: per unit and target, ``second`` at its selected
     α minus ``first`` at its selected α (same targets, restarts, anchors and seeds within a
     unit), pooled with the same hierarchical bootstrap (units, then targets)."""
     rows = []
-    for draw, key in (("selection", "trials"), ("report", "report_trials")):
-        if key not in units[0]:
-            continue
-        for j in ["re"] + judge_names(units[0][key]):
-            col = "success_top5" if j == "re" else f"{j}_top5"
-            groups, alphas = [], []
-            for u in units:
-                a, b = (u["rec"]["variants"].get(v, {}).get("alpha") for v in (first, second))
-                if a is None or b is None or key not in u:
-                    continue
-                d = (_per_target(u[key], second, float(b), col) - _per_target(u[key], first, float(a), col)).dropna()
-                if len(d):
-                    groups.append(d.tolist())
-                    alphas.append(f"{b:g}/{a:g}")
-            est, lo, hi = hierarchical_bootstrap(groups, n_boot, seed)
-            rows.append({"variant": f"{second} - {first}", "draw": draw, "judge": j, "alpha": "selected",
-                         "units": len(groups), "alphas": ",".join(alphas), "top5": est, "ci_low": lo, "ci_high": hi})
+    for draw, key, j, col in _draw_judges(units):
+        groups, labels = [], []
+        for u in units:
+            a, b = (u["rec"]["variants"].get(v, {}).get("alpha") for v in (first, second))
+            if a is None or b is None or key not in u:
+                continue
+            d = (_per_target(u[key], second, float(b), col) - _per_target(u[key], first, float(a), col)).dropna()
+            if len(d):
+                groups.append(d.tolist())
+                labels.append(f"{b:g}/{a:g}")
+        rows.append(_pooled(groups, labels, n_boot, seed, variant=f"{second} - {first}", draw=draw, judge=j,
+                            alpha="selected"))
     return rows
 
 
@@ -76,24 +87,18 @@ def pool(units: list[dict], n_boot: int, seed: int) -> pd.DataFrame:
     rows = []
     variants = sorted({v for u in units for v in u["rec"]["variants"]})
     for v in variants:
-        for draw, key in (("selection", "trials"), ("report", "report_trials")):
-            judges = ["re"] + judge_names(units[0][key]) if key in units[0] else []
-            for j in judges:
-                col = "success_top5" if j == "re" else f"{j}_top5"
-                for where in ("selected", "alpha=1"):
-                    groups, alphas = [], []
-                    for u in units:
-                        a = 1.0 if where == "alpha=1" else u["rec"]["variants"][v].get("alpha")
-                        if a is None or key not in u:
-                            continue
-                        vals = _per_target(u[key], v, float(a), col).tolist()
-                        if vals:
-                            groups.append(vals)
-                            alphas.append(float(a))
-                    est, lo, hi = hierarchical_bootstrap(groups, n_boot, seed)
-                    rows.append({"variant": v, "draw": draw, "judge": j, "alpha": where, "units": len(groups),
-                                 "alphas": ",".join(f"{a:g}" for a in alphas), "top5": est, "ci_low": lo,
-                                 "ci_high": hi})
+        for draw, key, j, col in _draw_judges(units):
+            for where in ("selected", "alpha=1"):
+                groups, labels = [], []
+                for u in units:
+                    a = 1.0 if where == "alpha=1" else u["rec"]["variants"][v].get("alpha")
+                    if a is None or key not in u:
+                        continue
+                    vals = _per_target(u[key], v, float(a), col).tolist()
+                    if vals:
+                        groups.append(vals)
+                        labels.append(f"{float(a):g}")
+                rows.append(_pooled(groups, labels, n_boot, seed, variant=v, draw=draw, judge=j, alpha=where))
     if {"paper", "calibrated"} <= set(variants):
         rows += _paired_rows(units, "paper", "calibrated", n_boot, seed)
     return pd.DataFrame(rows)
