@@ -292,9 +292,10 @@ class RobustFilterCfg:
     """The robust stateful detector (raymia.defenses.filter.robust; ``filter.kind: robust``).
     Defaults: the thresholds ``make red-team`` calibrated on held-out benign traffic of the
     orl preset (docs/filter.md, "Red team")."""
-    t_bits: int = 16              # near: Hamming distance of the 120-bit fingerprints <= t_bits (min over shifts)
+    t_bits: int = 12              # near: Hamming distance of the 120-bit fingerprints <= t_bits (min over shifts)
     l_sp: int = 6                 # strikes (queries near an earlier one) that block the client
-    window: int = 0               # strikes count within the client's last N queries (0 = all)
+    window: int = 30              # strikes count within the client's last N queries (0 = all)
+    l_near: int = 4               # a query near >= l_near remembered queries blocks at once (0 = off)
     memory: int = 4096            # fingerprints remembered per client (16 bytes each)
     shift: int = 2                # the query is also fingerprinted shifted by up to this many pixels
     base: int = 32                # canonical side before fingerprinting
@@ -321,6 +322,8 @@ class RedTeamCfg:
     t_bits_grid: list = field(default_factory=lambda: [12, 16, 20])
     l_sp_grid: list = field(default_factory=lambda: [4, 6, 8])
     window_grid: list = field(default_factory=lambda: [0, 30])   # 0 = strikes never expire
+    # second stage: the smallest l_near (0 = off) that keeps the first stage's pick within fpr_target
+    l_near_grid: list = field(default_factory=lambda: [3, 4, 5, 6, 8])
     adaptive_candidates: int = 24 # transformations the adaptive attacker tries per query
     attack_rows: int = 10         # black-box / label-only rows (targets 0.. with one restart each)
     attack_budget: int = 2000     # their query budgets (both attacks)
@@ -620,6 +623,8 @@ def _validate_filter(cfg: "Config") -> None:
     _check(bool(rt.t_bits_grid) and bool(rt.l_sp_grid)
            and all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in rt.t_bits_grid + rt.l_sp_grid),
            "red_team.t_bits_grid and red_team.l_sp_grid must list integers >= 1")
+    _check(all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in rt.l_near_grid),
+           "red_team.l_near_grid must list integers >= 1 (empty: no cluster rule)")
     f = cfg.filter_sim
     _check(f.max_iters >= 1 and f.trials_per_label >= 1 and f.user_trials_per_label >= 0,
            "filter_sim.max_iters and filter_sim.trials_per_label must be >= 1, filter_sim.user_trials_per_label >= 0")

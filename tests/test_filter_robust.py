@@ -62,6 +62,27 @@ def test_near_duplicates_that_walk_around_algorithm2_are_blocked(faces):
     assert res.first_refused == robust.l_sp + 1 and res.total_queries_at_block == 2 * robust.l_sp + 1
 
 
+def test_cluster_rule_blocks_slow_and_decoyed_streams_that_the_strike_window_forgets(faces):
+    """A dither sent once every 21 queries (20 distinct decoys between): with the strike
+    window alone (30 queries) the strikes expire and the client is never blocked; with
+    ``l_near`` the (l_near + 1)-th copy finds l_near near-duplicates in the long memory."""
+    x, _, aux = faces
+    make = R.NEAR_DUPLICATES["dither"][1]
+    stream = R.strategy_queries(x[0], aux, make, 12, 20, False, np.random.default_rng(4))
+    windowed = RobustParams(t_bits=12, l_sp=6, window=30)
+    assert R.run_stream(R.Gate(windowed), stream).answered_attack == 12
+    clustered = RobustParams(t_bits=12, l_sp=6, window=30, l_near=4)
+    res = R.run_stream(R.Gate(clustered), stream)
+    assert res.first_refused == 5 and res.answered_attack == 4
+    st = RobustClientState(clustered)                            # the rule survives a snapshot
+    for q in (x[1], x[2], x[1]):
+        st.check(q)
+    back = RobustClientState.from_bytes(st.to_bytes())
+    assert back.params.l_near == 4 and back.to_bytes() == st.to_bytes()
+    with pytest.raises(ValueError, match="l_near"):
+        RobustParams(l_near=-1)
+
+
 def test_distinct_people_and_a_few_resends_pass(faces):
     x, y, _ = faces
     st = RobustClientState(RobustParams())
@@ -156,7 +177,11 @@ def test_red_team_pipeline_on_smoke(smoke_runs, tmp_path):
               "robust_filter.json", "config.yaml", "run.json"):
         assert (out / f).exists(), f
     cal = pd.read_csv(out / "calibration.csv")
-    assert len(cal) == 4 and set(cal.t_bits) == {12, 20}
+    first = cal[cal.stage == 1]
+    assert len(first) == 4 and set(first.t_bits) == {12, 20} and (first.l_near == 0).all()
+    second = cal[cal.stage == 2]                 # the cluster rule on the first stage's pick
+    assert len(second) == 5 and second[["t_bits", "l_sp", "window"]].drop_duplicates().shape[0] == 1
+    assert (second.fpr_blocked.diff().dropna() <= 0).all()       # a larger l_near never blocks more
     fpr = pd.read_csv(out / "benign_fpr.csv")
     assert list(fpr["filter"]) == ["raha", "robust", "robust+cross"] and (fpr.sessions == 80).all()
     assert (fpr.fpr_blocked_lo <= fpr.fpr_blocked).all() and (fpr.fpr_blocked <= fpr.fpr_blocked_hi).all()

@@ -40,25 +40,38 @@ def benign_pools(bundle):
     return photos, bundle.aux.x.numpy()
 
 
-def calibrate(cal_stream, base: RobustParams, t_bits_grid, l_sp_grid, window_grid, fpr_target: float):
+def calibrate(cal_stream, base: RobustParams, t_bits_grid, l_sp_grid, window_grid, fpr_target: float,
+              l_near_grid=()):
     """Every (t_bits, l_sp, window) of the grid on the calibration traffic; the chosen one
     blocks at most ``fpr_target`` of the sessions and is the most sensitive such (fewest
-    strikes, no decay before a decay window, then the widest t_bits).  Returns (table,
-    chosen params)."""
+    strikes, no decay before a decay window, then the widest t_bits).  Second stage: with
+    that pick, every ``l_near`` of ``l_near_grid``; the smallest that still blocks at most
+    ``fpr_target`` is added (none: the cluster rule stays off).  Returns (table, chosen
+    params); the table's ``stage`` column says which stage a row belongs to."""
     rows = []
     for t in t_bits_grid:
         for l in l_sp_grid:
             for w in window_grid:
-                p = dataclasses.replace(base, t_bits=int(t), l_sp=int(l), window=int(w))
+                p = dataclasses.replace(base, t_bits=int(t), l_sp=int(l), window=int(w), l_near=0)
                 fp = R.false_positives(R.Gate(p), cal_stream)
-                rows.append({"t_bits": int(t), "l_sp": int(l), "window": int(w), **fp})
+                rows.append({"stage": 1, "t_bits": int(t), "l_sp": int(l), "window": int(w), "l_near": 0, **fp})
     table = pd.DataFrame(rows)
     table["decay"] = table.window > 0
     ok = table[table.fpr_blocked <= fpr_target].sort_values(["l_sp", "decay", "window", "t_bits"],
                                                             ascending=[True, True, False, False])
     pick = ok.iloc[0] if len(ok) else table.sort_values(["fpr_blocked", "l_sp"]).iloc[0]
-    return table.drop(columns="decay"), dataclasses.replace(base, t_bits=int(pick.t_bits), l_sp=int(pick.l_sp),
-                                                            window=int(pick.window))
+    chosen = dataclasses.replace(base, t_bits=int(pick.t_bits), l_sp=int(pick.l_sp), window=int(pick.window),
+                                 l_near=0)
+    near = []
+    for n in sorted(int(v) for v in l_near_grid):
+        p = dataclasses.replace(chosen, l_near=n)
+        fp = R.false_positives(R.Gate(p), cal_stream)
+        near.append({"stage": 2, "t_bits": p.t_bits, "l_sp": p.l_sp, "window": p.window, "l_near": n, **fp})
+    fits = [r["l_near"] for r in near if r["fpr_blocked"] <= fpr_target]
+    if fits:
+        chosen = dataclasses.replace(chosen, l_near=min(fits))
+    table = pd.concat([table.drop(columns="decay"), pd.DataFrame(near)], ignore_index=True)
+    return table, chosen
 
 
 def _gates(cfg: Config, robust: RobustParams) -> dict:
@@ -166,7 +179,8 @@ def summarize(out: Path, cfg: Config, robust: RobustParams, calib: pd.DataFrame,
               strat: pd.DataFrame, adapt: pd.DataFrame, attacks: Optional[pd.DataFrame]) -> str:
     md = [f"# Red team ({cfg.data.name}, seed {cfg.run.seed})", "",
           f"Calibrated robust detector (FPR target {cfg.red_team.fpr_target:.1%} of sessions blocked, chosen on the "
-          f"calibration half): t_bits {robust.t_bits}, L {robust.l_sp}, window {robust.window or 'none'}.", "",
+          f"calibration half): t_bits {robust.t_bits}, L {robust.l_sp}, window {robust.window or 'none'}, "
+          f"l_near {robust.l_near or 'off'}.", "",
           "## Benign sessions (report half)", "",
           "| filter | sessions | queries | blocked | FPR blocked [95% CI] | any query refused [95% CI] |", "|---|---|---|---|---|---|"]
     for r in fpr.itertuples():
@@ -227,11 +241,13 @@ def run(cfg: Config, out: Optional[str] = None, address: Optional[str] = None, a
                        rng, "user")
     t0 = time.time()
     base = RobustParams.from_config(cfg.robust_filter)
-    calib, robust = calibrate(cal, base, rt.t_bits_grid, rt.l_sp_grid, rt.window_grid, rt.fpr_target)
+    calib, robust = calibrate(cal, base, rt.t_bits_grid, rt.l_sp_grid, rt.window_grid, rt.fpr_target,
+                              rt.l_near_grid)
     calib.to_csv(run_dir / "calibration.csv", index=False)
     (run_dir / "robust_filter.json").write_text(json.dumps(robust.to_dict(), indent=2))
     say(f"calibrated on {len(cal)} benign queries ({rt.benign_sessions} sessions): t_bits "
-        f"{robust.t_bits}, L {robust.l_sp}, window {robust.window} ({time.time() - t0:.0f}s)")
+        f"{robust.t_bits}, L {robust.l_sp}, window {robust.window}, l_near {robust.l_near or 'off'} "
+        f"({time.time() - t0:.0f}s)")
     gates = _gates(cfg, robust)
     fpr = pd.DataFrame(_fpr_rows(gates, rep))
     fpr.to_csv(run_dir / "benign_fpr.csv", index=False)

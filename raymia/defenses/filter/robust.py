@@ -16,7 +16,11 @@ compares queries where such changes do not move them:
   each; 4096 by default), compared with XOR + popcount in one vectorised pass.
 * **Strikes**: a query within ``t_bits`` of any remembered one is a strike; ``l_sp`` strikes
   (within the last ``window`` queries, 0 = ever) block the client for good, as Algorithm 1
-  does.  Benign users re-send a photo a few times and send several photos of themselves,
+  does.
+* **Clusters** (``l_near``, 0 = off): a query within ``t_bits`` of at least ``l_near``
+  remembered queries blocks the client at once: ``l_near + 1`` near-duplicates sit in the
+  memory, however many unrelated queries came between them (decoys, a slow attack), which
+  the strike window alone lets expire.  Benign users re-send a photo a few times and send several photos of themselves,
   so ``t_bits``, ``l_sp`` and ``window`` are calibrated on held-out benign traffic to a
   target false-positive rate (:mod:`raymia.filter_sim.redteam`).
 * :class:`CrossClientWindow`: the last ``size`` fingerprints of *all* clients; a query that
@@ -50,6 +54,7 @@ class RobustParams:
              query's shifted variants) is at most t_bits (of ``dct**2 - 1`` bits)
     l_sp     strikes that block the client
     window   strikes count only within the client's last ``window`` queries (0 = all)
+    l_near   a query near at least l_near remembered queries blocks the client (0 = off)
     memory   fingerprints remembered per client
     shift    query variants shifted by -shift..shift pixels (at the ``base`` side), both axes
     base     canonical side the query is resized to before fingerprinting; the fingerprint
@@ -61,6 +66,7 @@ class RobustParams:
     t_bits: int = 16
     l_sp: int = 6
     window: int = 0
+    l_near: int = 0
     memory: int = 4096
     shift: int = 2
     base: int = 32
@@ -78,7 +84,7 @@ class RobustParams:
             v = getattr(self, name)
             if not _is_int(v) or v < 1:
                 bad.append(f"{name} must be an integer >= 1, got {v!r}")
-        for name in ("t_bits", "window", "shift"):
+        for name in ("t_bits", "window", "shift", "l_near"):
             v = getattr(self, name)
             if not _is_int(v) or v < 0:
                 bad.append(f"{name} must be an integer >= 0, got {v!r}")
@@ -129,13 +135,15 @@ class RobustParams:
         return self.memory
 
     def thresholds(self) -> dict:
-        return {"t_bits": self.t_bits, "l_sp": self.l_sp, "window": self.window, "memory": self.memory}
+        return {"t_bits": self.t_bits, "l_sp": self.l_sp, "window": self.window, "l_near": self.l_near,
+                "memory": self.memory}
 
     def state_class(self):
         return RobustClientState
 
     def label(self) -> str:
         w = f" window={self.window}" if self.window else ""
+        w += f" l_near={self.l_near}" if self.l_near else ""
         return f"robust t_bits={self.t_bits} L={self.l_sp}{w} memory={self.memory} shift={self.shift}"
 
 
@@ -275,7 +283,7 @@ class RobustClientState:
         if matches:
             self.strikes = (self.strikes + [self.n_queries])[-p.l_sp:]
             recent = [s for s in self.strikes if not p.window or s > self.n_queries - p.window]
-            self.count = min(len(recent), p.l_sp)
+            self.count = p.l_sp if p.l_near and matches >= p.l_near else min(len(recent), p.l_sp)
             if self.blocked:
                 return FilterResult(False, matches, self.count, True)
         elif p.window:
