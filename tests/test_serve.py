@@ -4,6 +4,8 @@ import base64
 import http.client
 import io
 import json
+import os
+import signal
 import subprocess
 import sys
 import time
@@ -441,8 +443,9 @@ def test_two_replicas_count_concurrent_requests_and_blocks_survive_shard_and_app
     suite's PostgreSQL server via ``serve.state_url``) and as one node can (the state in
     shard actors, on a SQLite file): 32 concurrent identical queries are served exactly three
     times, and the block survives the death of what holds the state (a replica; the shard
-    actor, killed for good and crashed) and the whole app's deletion (its shard actors go
-    with it) and redeployment (read back from the store)."""
+    actor, killed for good and crashed), the whole app's deletion (its shard actors go
+    with it) and redeployment (read back from the store), and a kill -9 of every process of
+    the app at once."""
     ray = ray_session
     from ray import serve as rserve
     from conftest import SERVE_APP
@@ -494,6 +497,19 @@ def test_two_replicas_count_concurrent_requests_and_blocks_survive_shard_and_app
         st = state(serve_app, "burst-2r")
         assert st["blocked"] and st["n_queries"] == n + 1
         assert serve_app.client("other-2r").predict(x[17]).status == 200
+        # kill -9 of the whole app: SIGKILL to every replica and shard actor at once (no
+        # flush, no shutdown hook); Serve starts new replicas, which read the block back
+        pids = [int(v) for v in subprocess.run(["pgrep", "-f", f"ServeReplica:{SERVE_APP}:"], capture_output=True,
+                                               text=True).stdout.split()]
+        pids += [ray.get(h.ping.remote())["pid"] for _, h in serve_app.shard_actors()]
+        assert len(pids) == 2 + (cfg.serve.shards if state_in == "actors" else 0), pids
+        for pid in pids:
+            os.kill(pid, signal.SIGKILL)
+        time.sleep(1.0)
+        serve_app.wait_healthy(120)
+        assert serve_app.client("burst-2r").predict(x[18]).status == 403
+        assert state(serve_app, "burst-2r")["blocked"]
+        assert serve_app.client("other-2r").predict(x[19]).status == 200
     finally:
         serve_app.deploy(old)
 
