@@ -55,7 +55,7 @@ def main():
     rp = RobustParams(memory=args.memory, l_sp=10 ** 9)
     robust = RobustClientState(rp)
     fill = rng.integers(0, 2 ** 63, (args.memory, rp.words), dtype=np.int64).astype(np.uint64)
-    robust._mem[:] = fill                       # a full memory: 10 000 remembered fingerprints
+    robust._mem[:] = fill.T                     # a full memory: 10 000 remembered fingerprints (column-major)
     robust._n, robust._shape = args.memory, faces[0].shape
     cross = CrossClientWindow(rp)
     for i in range(cross.size):

@@ -182,11 +182,18 @@ def _resize(g: np.ndarray, side: int) -> np.ndarray:
 
 
 class Fingerprinter:
-    """Fingerprints of one query: its own (unshifted) and those of its shifted variants."""
+    """Fingerprints of one query: its own (unshifted) and those of its shifted variants.
+
+    The block averaging down to ``grid`` x ``grid`` and the 2-D DCT are one linear map, so
+    each variant's coefficients are ``M @ window @ M.T`` with ``M = DCT @ blockmean``
+    (``dct`` x inner): one batched matrix product for all variants."""
 
     def __init__(self, p: RobustParams):
         self.p = p
-        self.d = _dct_matrix(p.grid, p.dct)
+        inner = p.base - 2 * p.shift
+        k = inner // p.grid
+        avg = np.kron(np.eye(p.grid), np.full((1, k), 1.0 / k))       # (grid, inner) block means
+        self.m = _dct_matrix(p.grid, p.dct) @ avg                     # (dct, inner)
         s = p.shift
         self.offsets = [(dy, dx) for dy in range(-s, s + 1) for dx in range(-s, s + 1)]
         self.centre = self.offsets.index((0, 0))
@@ -200,9 +207,7 @@ class Fingerprinter:
         stack = np.stack([g[s + dy:s + dy + inner, s + dx:s + dx + inner] for dy, dx in self.offsets])
         stack = stack - stack.mean((1, 2), keepdims=True)
         stack = stack / (stack.std((1, 2), keepdims=True) + 1e-6)
-        k = inner // p.grid
-        small = stack.reshape(len(stack), p.grid, k, p.grid, k).mean((2, 4))
-        coef = np.einsum("ij,njk,lk->nil", self.d, small, self.d).reshape(len(stack), -1)[:, 1:]
+        coef = (self.m @ stack @ self.m.T).reshape(len(stack), -1)[:, 1:]
         bits = coef > np.median(coef, axis=1, keepdims=True)
         pad = np.zeros((len(bits), self.p.words * 64), bool)
         pad[:, :self.nbits] = bits
@@ -213,18 +218,23 @@ class Fingerprinter:
         return self.variants(q)[self.centre]
 
 
+def _hamming_min_cols(variants: np.ndarray, cols: np.ndarray, n: int) -> np.ndarray:
+    """:func:`hamming_min` against a column-major memory ``cols`` (words, capacity) whose
+    first ``n`` columns are used: each word's row is contiguous, so no copy is made."""
+    if n == 0:
+        return np.zeros(0, np.int64)
+    d = None                      # (V, n) uint8 distances, one word at a time (no (V, n, words) temporary)
+    for w in range(cols.shape[0]):
+        part = np.bitwise_count(cols[w, None, :n] ^ variants[:, w:w + 1])
+        d = part if d is None else np.add(d, part, out=d)
+    return d.min(0).astype(np.int64)
+
+
 def hamming_min(variants: np.ndarray, memory: np.ndarray) -> np.ndarray:
     """For every remembered fingerprint (M, words), the smallest Hamming distance to any of
     the query's variants (V, words)."""
     memory = np.asarray(memory, np.uint64).reshape(-1, variants.shape[-1])
-    if memory.shape[0] == 0:
-        return np.zeros(0, np.int64)
-    d = None                      # (V, M) uint8 distances, one word at a time (no (V, M, words) temporary)
-    for w in range(memory.shape[1]):
-        col = np.ascontiguousarray(memory[:, w])
-        part = np.bitwise_count(col[None, :] ^ variants[:, w:w + 1])
-        d = part if d is None else np.add(d, part, out=d)
-    return d.min(0).astype(np.int64)
+    return _hamming_min_cols(variants, np.ascontiguousarray(memory.T), memory.shape[0])
 
 
 # ----------------------------------------------------------------------------- per client
@@ -240,7 +250,7 @@ class RobustClientState:
         self.n_queries = 0
         self.strikes: List[int] = []         # query numbers of the last l_sp strikes
         self._shape: Optional[Tuple[int, int, int]] = None
-        self._mem = np.zeros((params.memory, params.words), np.uint64)
+        self._mem = np.zeros((params.words, params.memory), np.uint64)   # column-major: one row per word
         self._n = 0                          # fingerprints remembered
         self._head = 0                       # next slot of the ring
         self._fp = Fingerprinter(params)
@@ -260,15 +270,15 @@ class RobustClientState:
         """Remembered fingerprints, oldest first (a copy)."""
         m = self.params.memory
         if self._n < m:
-            return self._mem[:self._n].copy()
-        return np.concatenate([self._mem[self._head:], self._mem[:self._head]])
+            return self._mem[:, :self._n].T.copy()
+        return np.concatenate([self._mem[:, self._head:], self._mem[:, :self._head]], axis=1).T.copy()
 
     def nbytes(self) -> int:
         return 512 + int(self._mem.nbytes)
 
     def near(self, variants: np.ndarray) -> int:
         """How many remembered queries lie within t_bits of a query with these variants."""
-        d = hamming_min(variants, self._mem[:self._n])
+        d = _hamming_min_cols(variants, self._mem, self._n)
         return int(np.count_nonzero(d <= self.params.t_bits))
 
     def check(self, img: Any, variants: Optional[np.ndarray] = None) -> FilterResult:
@@ -290,7 +300,7 @@ class RobustClientState:
             self.count = sum(1 for s in self.strikes if s > self.n_queries - p.window)
         if self._shape is None:
             self._shape = tuple(q.shape)
-        self._mem[self._head] = v[self._fp.centre]
+        self._mem[:, self._head] = v[self._fp.centre]
         self._head = (self._head + 1) % p.memory
         self._n = min(self._n + 1, p.memory)
         return FilterResult(True, matches, self.count, False)
@@ -322,7 +332,7 @@ class RobustClientState:
             raise FilterInputError(f"{fail} (counters or memory size out of range)")
         st.count, st.n_queries, st.strikes = count, nq, list(strikes)
         st._shape = None if shape is None else tuple(int(v) for v in shape)
-        st._mem[:n] = np.frombuffer(raw, dtype="<u8").reshape(n, st.params.words)
+        st._mem[:, :n] = np.frombuffer(raw, dtype="<u8").reshape(n, st.params.words).T
         st._n, st._head = n, n % st.params.memory
         return st
 
@@ -351,7 +361,7 @@ class CrossClientWindow:
         if not _is_int(size) or size < 1 or not _is_int(k) or k < 1:
             raise ValueError(f"size and k must be integers >= 1, got {size!r}, {k!r}")
         self.params, self.size, self.k = params, int(size), int(k)
-        self._mem = np.zeros((self.size, params.words), np.uint64)
+        self._mem = np.zeros((params.words, self.size), np.uint64)      # column-major, as per client
         self._owner: List[Optional[Hashable]] = [None] * self.size
         self._digest = np.zeros(self.size, np.uint64)
         self._n = self._head = 0
@@ -359,7 +369,7 @@ class CrossClientWindow:
         self.refused = 0
 
     def others_near(self, client: Hashable, variants: np.ndarray, digest: int) -> int:
-        d = hamming_min(variants, self._mem[:self._n])
+        d = _hamming_min_cols(variants, self._mem, self._n)
         idx = np.flatnonzero((d <= self.params.t_bits) & (self._digest[:self._n] != np.uint64(digest)))
         return len({self._owner[i] for i in idx} - {client})
 
@@ -371,7 +381,7 @@ class CrossClientWindow:
         if self.others_near(client, v, dig) >= self.k:
             self.refused += 1
             return False
-        self._mem[self._head] = v[self._fp.centre]
+        self._mem[:, self._head] = v[self._fp.centre]
         self._digest[self._head] = np.uint64(dig)
         self._owner[self._head] = client
         self._head = (self._head + 1) % self.size
