@@ -153,6 +153,29 @@ def test_gated_oracle_ends_a_row_at_the_first_refusal(faces):
     assert (inner.answered == o.answered).all()
 
 
+def test_evasive_oracle_disguises_queries_past_the_robust_detector(faces):
+    """The adaptive attacker in front of a gated oracle: the same face asked 12 times is
+    blocked at once through the plain gate, but the evasive attacker's disguised copies
+    (each farther than t_bits from all it sent before) get more answers, at a cost in
+    fidelity it records (SSIM of what it sent to what it meant); counters mirror the gate's."""
+    from raymia.attacks.oracle import InProcessOracle
+
+    class Const(torch.nn.Module):
+        def forward(self, t):
+            return torch.full((t.shape[0], 3), 1 / 3)
+    x, _, _ = faces
+    p = RobustParams(t_bits=12, l_sp=6, window=30, l_near=4)
+    same = torch.from_numpy(np.stack([x[0]] * 12))
+    plain = R.GatedOracle(InProcessOracle(Const(), 1, 3), R.Gate(p), ["a"])
+    plain.query(same, [0] * 12)
+    ev = R.EvasiveOracle(R.GatedOracle(InProcessOracle(Const(), 1, 3), R.Gate(p), ["a"]), p, seed=0)
+    rep = ev.query(same, [0] * 12)
+    assert plain.answered[0] == 4 and ev.answered[0] > plain.answered[0]
+    assert int(rep.answered.sum()) == ev.answered[0] == ev.inner.answered[0]
+    assert ev.sent[0] == ev.inner.sent[0] and ev.blocked_at[0] == ev.inner.blocked_at[0]
+    assert len(ev.ssim[0]) == ev.sent[0] and 0 < np.mean(ev.ssim[0]) < 0.99
+
+
 def test_red_team_pipeline_on_smoke(smoke_runs, tmp_path):
     """The red-team job end to end on the smoke preset (small grids, two attack rows): the
     calibration is chosen on one half and reported on the other, the robust detector stops
@@ -191,7 +214,9 @@ def test_red_team_pipeline_on_smoke(smoke_runs, tmp_path):
     att = pd.read_csv(out / "attacks.csv")
     start = att[att.attack == "label-only: its start point"]
     att = att[att.attack != "label-only: its start point"]
-    assert set(att["filter"]) == {"none", "raha", "robust", "robust+cross"} and len(att) == 2 * 4 * 2
+    assert set(att["filter"]) == {"none", "raha", "robust", "robust+cross", red_team.EVASIVE} and len(att) == 2 * 5 * 2
+    ev = att[att["filter"] == red_team.EVASIVE]
+    assert ev.disguise_ssim.between(0, 1).all() and att[att["filter"] != red_team.EVASIVE].disguise_ssim.isna().all()
     # the label-only start point: one row per attack row, only behind no filter, and it cost
     # queries no later than the attack's own (it is where the attack began)
     assert len(start) == 2 and set(start["filter"]) == {"none"}

@@ -207,28 +207,39 @@ def run_stream(gate: Gate, stream: Sequence[Tuple[str, np.ndarray, bool]]) -> St
     return StreamResult(answered, first, at, k)
 
 
+def disguise(img: np.ndarray, strength: float, rng: np.random.Generator) -> np.ndarray:
+    """One random transformation of ``img`` at ``strength`` in (0, 1]: shift up to 6 px,
+    rotation up to 12 degrees, zoom 0.85-1.15, gain/bias, noise, all scaled by strength;
+    8-bit as sent."""
+    s = float(strength)
+    im = shift(img, int(rng.integers(-6, 7) * s), int(rng.integers(-6, 7) * s))
+    im = rotate(im, float(rng.uniform(-12, 12) * s))
+    im = scale(im, float(1 + rng.uniform(-0.15, 0.15) * s))
+    im = photometric(im, float(1 + rng.uniform(-0.2, 0.2) * s), float(rng.uniform(-0.08, 0.08) * s))
+    return to_u8(np.clip(im + rng.normal(0, 0.03 * s, im.shape), 0, 1)).astype(np.float32)
+
+
+def _distance(fp: Fingerprinter, im: np.ndarray, sent: List[np.ndarray]) -> int:
+    return int(hamming_min(fp.variants(im), np.asarray(sent, np.uint64)).min()) if sent else fp.nbits
+
+
 def adaptive_queries(face: np.ndarray, params: RobustParams, n_attack: int, rng: np.random.Generator,
                      candidates: int = 24) -> Tuple[List[np.ndarray], List[float], List[int]]:
     """OARS-style adaptive attacker against the robust detector, which it knows (its
     fingerprint, the shift search, t_bits): for every query it draws ``candidates``
-    transformations of growing strength (shift up to 6 px, rotation up to 12 degrees, zoom
-    0.85-1.15, gain/bias, noise) and sends the least distorting one (highest SSIM to the
-    face) whose distance to everything it sent before exceeds t_bits; with none, the
-    farthest.  Returns the queries, their SSIM to the face and their distances."""
+    transformations of growing strength (:func:`disguise`) and sends the least distorting
+    one (highest SSIM to the face) whose distance to everything it sent before exceeds
+    t_bits; with none, the farthest.  Returns the queries, their SSIM to the face and
+    their distances."""
     from skimage.metrics import structural_similarity
     fp = Fingerprinter(params)
-    sent: List[int] = []
+    sent: List[np.ndarray] = []
     out, ssims, dists = [], [], []
     for i in range(n_attack):
         best = None
         for c in range(candidates):
-            s = (c + 1) / candidates
-            im = shift(face, int(rng.integers(-6, 7) * s), int(rng.integers(-6, 7) * s))
-            im = rotate(im, float(rng.uniform(-12, 12) * s))
-            im = scale(im, float(1 + rng.uniform(-0.15, 0.15) * s))
-            im = photometric(im, float(1 + rng.uniform(-0.2, 0.2) * s), float(rng.uniform(-0.08, 0.08) * s))
-            im = to_u8(np.clip(im + rng.normal(0, 0.03 * s, im.shape), 0, 1)).astype(np.float32)
-            d = int(hamming_min(fp.variants(im), np.asarray(sent, np.uint64)).min()) if sent else fp.nbits
+            im = disguise(face, (c + 1) / candidates, rng)
+            d = _distance(fp, im, sent)
             q = float(structural_similarity(face[0], im[0], data_range=1.0))
             key = (d > params.t_bits, q if d > params.t_bits else d)
             if best is None or key > best[0]:
@@ -275,6 +286,52 @@ class GatedOracle(Oracle):
             if probs is not None:
                 probs[idx] = rep.probs
         return probs, labels, torch.from_numpy(ok)
+
+
+class EvasiveOracle(Oracle):
+    """The adaptive attacker combined with a query attack: in front of ``inner`` (e.g. a
+    :class:`GatedOracle` with the robust detector) it replaces every query image by the
+    first of ``candidates`` transformations of growing strength (:func:`disguise`) whose
+    fingerprint is farther than t_bits from everything its row sent before (none: the
+    farthest of them), and hands the answer back as the answer to the image it meant to
+    ask about: the attack (NES, label-only) runs unchanged on answers to disguised queries.
+    ``ssim[r]`` keeps, per row, the SSIM of each sent image to the intended one."""
+
+    def __init__(self, inner: Oracle, params: RobustParams, seed: int, candidates: int = 24):
+        super().__init__(inner.n_rows, inner.n_classes, inner.labels_only, inner.top_k)
+        self.inner, self.params, self.candidates = inner, params, int(candidates)
+        self.fp = Fingerprinter(params)
+        self.rng = np.random.default_rng(seed)
+        self.sent_fp: List[List[np.ndarray]] = [[] for _ in range(self.n_rows)]
+        self.ssim: List[List[float]] = [[] for _ in range(self.n_rows)]
+
+    def _disguised(self, img: np.ndarray, r: int) -> np.ndarray:
+        from skimage.metrics import structural_similarity
+        best = None
+        for c in range(self.candidates):
+            im = disguise(img, (c + 1) / self.candidates, self.rng)
+            d = _distance(self.fp, im, self.sent_fp[r])
+            if best is None or d > best[0]:
+                best = (d, im)
+            if d > self.params.t_bits:
+                break
+        im = best[1]
+        self.sent_fp[r].append(self.fp.one(im))
+        self.ssim[r].append(float(structural_similarity(img[0], im[0], data_range=1.0)))
+        return im
+
+    def _ask(self, images, rows):
+        x = images.float().clamp(0, 1).cpu().numpy()
+        rr = rows.numpy()
+        before = self.inner.sent.copy()
+        sent = np.stack([self._disguised(x[j], int(r)) for j, r in enumerate(rr)])
+        rep = self.inner.query(torch.from_numpy(sent), rows)
+        for r in np.unique(rr):          # a row blocked within this call: its later disguises were never sent
+            unsent = int(np.count_nonzero(rr == r)) - int(self.inner.sent[r] - before[r])
+            if unsent:
+                del self.ssim[r][-unsent:], self.sent_fp[r][-unsent:]
+        self.answered[:], self.sent[:], self.blocked_at[:] = self.inner.answered, self.inner.sent, self.inner.blocked_at
+        return rep.probs, rep.labels, rep.answered
 
 
 # ----------------------------------------------------------------------------- benign traffic

@@ -23,6 +23,7 @@ from ..filter_sim import redteam as R
 from ..runtime import out_dir, pick_device, seed_everything
 
 ATTACK_KINDS = ("target", "evaluator", "attacker_gan")
+EVASIVE = "robust, evasive attacker"      # the robust gate, every query disguised by the adaptive attacker
 
 
 def say(msg: str) -> None:
@@ -120,9 +121,11 @@ def adaptive_rows(robust: RobustParams, faces: np.ndarray, n_attack: int, candid
     return rows
 
 
-def attack_rows(cfg: Config, bundle, gates: dict, device) -> list:
-    """Black-box (NES) and label-only attacks on R_T alone, unfiltered and behind each gate;
-    each row's reconstruction is judged at its end (for a blocked row: at the block)."""
+def attack_rows(cfg: Config, bundle, gates: dict, device, robust: Optional[RobustParams] = None) -> list:
+    """Black-box (NES) and label-only attacks on R_T alone, unfiltered and behind each gate,
+    and (with ``robust``) behind the robust detector with every query disguised by the
+    adaptive attacker (:class:`~raymia.filter_sim.redteam.EvasiveOracle`); each row's
+    reconstruction is judged at its end (for a blocked row: at the block)."""
     from ..attacks.blackbox import blackbox_mia
     from ..attacks.label_only import label_only_mia
     from ..attacks.oracle import InProcessOracle
@@ -148,17 +151,24 @@ def attack_rows(cfg: Config, bundle, gates: dict, device) -> list:
                                                       init_budget=min(qa.label_init_budget, rtc.attack_budget),
                                                       bound=cfg.attack.latent_bound, device=device)),
     }
+    runs = [("none", None, False)] + [(g, make, False) for g, make in gates.items()]
+    if robust is not None:
+        runs.append((EVASIVE, gates["robust"], True))
     rows = []
     for aname, (labels_only, run) in attacks.items():
-        for gname, gate in {"none": None, **gates}.items():
+        for gname, gate, evasive in runs:
             t0 = time.time()
             inner = InProcessOracle(rt, n, bundle.n_private, labels_only=labels_only, device=device)
             oracle = inner if gate is None else R.GatedOracle(inner, gate(), [f"row-{r}" for r in range(n)])
+            if evasive:
+                oracle = R.EvasiveOracle(oracle, robust, cfg.run.seed, rtc.adaptive_candidates)
             res = run(oracle)
             s = scorer.score(res.images, targets)
             for r in range(n):
+                ssim = float(np.mean(oracle.ssim[r])) if evasive and oracle.ssim[r] else float("nan")
                 rows.append({"attack": aname, "filter": gname, "row": r, "target": targets[r], "seed": seeds[r],
                              "answered": int(oracle.answered[r]), "blocked_at": int(oracle.blocked_at[r]),
+                             "disguise_ssim": ssim,
                              **{k: float(v[r]) for k, v in s.items() if k.endswith(("top1", "top5"))}})
             if labels_only and gate is None and "start_latent" in res.extra:
                 # where the label-only attack's success comes from: its start, the first random
@@ -204,11 +214,12 @@ def summarize(out: Path, cfg: Config, robust: RobustParams, calib: pd.DataFrame,
     if attacks is not None and len(attacks):
         judges = [c for c in attacks.columns if c.endswith("top5")]
         md += ["", "## Query attacks on R_T: success at the block (or at the budget)", "",
-               "| attack | filter | rows blocked | median answered | " + " | ".join(judges) + " |",
-               "|---|---|---|---|" + "---|" * len(judges)]
+               "| attack | filter | rows blocked | median answered | " + " | ".join(judges)
+               + " | SSIM sent / intended |", "|---|---|---|---|" + "---|" * len(judges) + "---|"]
         for (a, g), d in attacks.groupby(["attack", "filter"], sort=False):
+            ss = d["disguise_ssim"].mean() if "disguise_ssim" in d else float("nan")
             md.append(f"| {a} | {g} | {int((d.blocked_at > 0).sum())}/{len(d)} | {d.answered.median():.0f} | "
-                      + " | ".join(f"{d[j].mean():.0%}" for j in judges) + " |")
+                      + " | ".join(f"{d[j].mean():.0%}" for j in judges) + f" | {'-' if ss != ss else f'{ss:.2f}'} |")
     md += ["", "Calibration grid (calibration half): see calibration.csv."]
     text = "\n".join(md) + "\n"
     (out / "red_team.md").write_text(text)
@@ -259,7 +270,7 @@ def run(cfg: Config, out: Optional[str] = None, address: Optional[str] = None, a
     adapt.to_csv(run_dir / "adaptive.csv", index=False)
     att = None
     if attacks:
-        att = pd.DataFrame(attack_rows(cfg, bundle, gates, device))
+        att = pd.DataFrame(attack_rows(cfg, bundle, gates, device, robust))
         att.to_csv(run_dir / "attacks.csv", index=False)
     print(summarize(run_dir, cfg, robust, calib, fpr, strat, adapt, att))
     say(f"outputs: {run_dir}")
