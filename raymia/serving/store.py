@@ -362,27 +362,6 @@ class FilterStateStore:
         self.writes += 1
         return _Entry(e.version + 1, st, seq, snap_seq)
 
-    def _near(self, st, image) -> Optional[tuple]:
-        """Before a check: the buffered images whose hash is within T_hash of the query's
-        (the only ones Algorithm 2 compares by SSIM), as (buffer positions oldest first,
-        SSIMs, hash differences, buffer length); None when there are none."""
-        from ..defenses.filter.hashing import mean_hash
-        ring = getattr(st, "_ring", None)
-        if ring is None or not ring.size or st.blocked:
-            return None
-        try:
-            q = np.asarray(image, dtype=np.float32).reshape(ring.shape)
-            if not np.isfinite(q).all():
-                return None
-            slots = ring.order()
-            diffs = np.abs(ring.hashes[slots] - mean_hash(q, self.params.hash_size))
-            pos = np.flatnonzero(diffs < self.params.t_hash)
-            if not pos.size:
-                return None
-            return pos, ring.ssim(q, slots[pos]), diffs[pos], int(ring.size)
-        except (ValueError, TypeError):
-            return None
-
     def _evidence(self, client_id: str, st, r, near: Optional[tuple], now: float, **extra) -> None:
         compared = []
         if near is not None:
@@ -403,8 +382,8 @@ class FilterStateStore:
                 return {**json.loads(row[0]), "replayed": True}
         e = self._load(client_id)
         st, was_blocked = e.state, e.state.blocked
-        near = self._near(st, image)
         r = st.check(image)            # FilterInputError: refused, state unchanged
+        near = getattr(st, "compared", None)   # Algorithm 2's SSIM comparisons of this check (robust: none)
         verdict = {"safe": bool(r.safe), "blocked": bool(r.blocked), "count": int(r.count),
                    "matches": int(r.matches), "n_queries": int(st.n_queries)}
         logged = None if was_blocked else np.asarray(image, dtype=np.float32).reshape(st.shape)

@@ -136,6 +136,9 @@ class ClientFilterState:
         self.count = 0
         self.n_queries = 0
         self._ring: Optional[_RingStack] = None
+        # what the last check compared by SSIM (buffer positions oldest first, SSIMs, hash
+        # differences, buffer length), or None: the evidence a server keeps of a match
+        self.compared: Optional[tuple] = None
 
     # -- state
     @property
@@ -173,6 +176,7 @@ class ClientFilterState:
         p = self.params
         q = _validate_query(img, p, self.shape)
         self.n_queries += 1
+        self.compared = None
         if self.count >= p.l_sp:
             return FilterResult(False, 0, self.count, True)
         h = _query_hash(q, p)
@@ -180,9 +184,12 @@ class ClientFilterState:
         ring = self._ring
         if ring is not None and ring.size:
             slots = ring.order()
-            near = slots[np.abs(ring.hashes[slots] - h) < p.t_hash]     # cheap test first
-            if near.size:
-                matches = int(np.count_nonzero(ring.ssim(q, near) > p.t_ssim))
+            diffs = np.abs(ring.hashes[slots] - h)
+            pos = np.flatnonzero(diffs < p.t_hash)                      # cheap test first
+            if pos.size:
+                ssim = ring.ssim(q, slots[pos])
+                matches = int(np.count_nonzero(ssim > p.t_ssim))
+                self.compared = (pos, ssim, diffs[pos], int(ring.size))
         if matches:
             self.count = min(self.count + matches, p.l_sp)
             if self.count >= p.l_sp:
