@@ -43,6 +43,8 @@ red-team: install
 bench: install
 	$(PY) bench/bench_attack.py
 	$(PY) bench/bench_ssim.py
+	$(PY) bench/bench_filters.py --no-docs
+	$(PY) bench/bench_state_bound.py
 
 test: install
 	mkdir -p .tmp
