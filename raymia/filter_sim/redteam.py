@@ -219,8 +219,9 @@ def disguise(img: np.ndarray, strength: float, rng: np.random.Generator) -> np.n
     return to_u8(np.clip(im + rng.normal(0, 0.03 * s, im.shape), 0, 1)).astype(np.float32)
 
 
-def _distance(fp: Fingerprinter, im: np.ndarray, sent: List[np.ndarray]) -> int:
-    return int(hamming_min(fp.variants(im), np.asarray(sent, np.uint64)).min()) if sent else fp.nbits
+def _distance(variants: np.ndarray, sent: np.ndarray, nbits: int) -> int:
+    """Hamming distance of a query (its shifted variants) to the nearest of ``sent`` (M, words)."""
+    return int(hamming_min(variants, sent).min()) if len(sent) else nbits
 
 
 def adaptive_queries(face: np.ndarray, params: RobustParams, n_attack: int, rng: np.random.Generator,
@@ -236,16 +237,17 @@ def adaptive_queries(face: np.ndarray, params: RobustParams, n_attack: int, rng:
     sent: List[np.ndarray] = []
     out, ssims, dists = [], [], []
     for i in range(n_attack):
-        best = None
+        best, mem = None, np.asarray(sent, np.uint64)
         for c in range(candidates):
             im = disguise(face, (c + 1) / candidates, rng)
-            d = _distance(fp, im, sent)
+            v = fp.variants(im)
+            d = _distance(v, mem, fp.nbits)
             q = float(structural_similarity(face[0], im[0], data_range=1.0))
             key = (d > params.t_bits, q if d > params.t_bits else d)
             if best is None or key > best[0]:
-                best = (key, im, q, d)
-        _, im, q, d = best
-        sent.append(fp.one(im))
+                best = (key, im, q, d, v[fp.centre])
+        _, im, q, d, own = best
+        sent.append(own)
         out.append(im)
         ssims.append(q)
         dists.append(d)
@@ -307,16 +309,17 @@ class EvasiveOracle(Oracle):
 
     def _disguised(self, img: np.ndarray, r: int) -> np.ndarray:
         from skimage.metrics import structural_similarity
-        best = None
+        best, mem = None, np.asarray(self.sent_fp[r], np.uint64)
         for c in range(self.candidates):
             im = disguise(img, (c + 1) / self.candidates, self.rng)
-            d = _distance(self.fp, im, self.sent_fp[r])
+            v = self.fp.variants(im)
+            d = _distance(v, mem, self.fp.nbits)
             if best is None or d > best[0]:
-                best = (d, im)
+                best = (d, im, v[self.fp.centre])
             if d > self.params.t_bits:
                 break
-        im = best[1]
-        self.sent_fp[r].append(self.fp.one(im))
+        _, im, own = best
+        self.sent_fp[r].append(own)
         self.ssim[r].append(float(structural_similarity(img[0], im[0], data_range=1.0)))
         return im
 

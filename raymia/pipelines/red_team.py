@@ -219,7 +219,7 @@ def summarize(out: Path, cfg: Config, robust: RobustParams, calib: pd.DataFrame,
         for (a, g), d in attacks.groupby(["attack", "filter"], sort=False):
             ss = d["disguise_ssim"].mean() if "disguise_ssim" in d else float("nan")
             md.append(f"| {a} | {g} | {int((d.blocked_at > 0).sum())}/{len(d)} | {d.answered.median():.0f} | "
-                      + " | ".join(f"{d[j].mean():.0%}" for j in judges) + f" | {'-' if ss != ss else f'{ss:.2f}'} |")
+                      + " | ".join(f"{d[j].mean():.0%}" for j in judges) + f" | {'-' if pd.isna(ss) else f'{ss:.2f}'} |")
     md += ["", "Calibration grid (calibration half): see calibration.csv."]
     text = "\n".join(md) + "\n"
     (out / "red_team.md").write_text(text)

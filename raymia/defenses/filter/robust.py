@@ -20,9 +20,10 @@ compares queries where such changes do not move them:
 * **Clusters** (``l_near``, 0 = off): a query within ``t_bits`` of at least ``l_near``
   remembered queries blocks the client at once: ``l_near + 1`` near-duplicates sit in the
   memory, however many unrelated queries came between them (decoys, a slow attack), which
-  the strike window alone lets expire.  Benign users re-send a photo a few times and send several photos of themselves,
-  so ``t_bits``, ``l_sp`` and ``window`` are calibrated on held-out benign traffic to a
-  target false-positive rate (:mod:`raymia.filter_sim.redteam`).
+  the strike window alone lets expire.
+* Benign users re-send a photo a few times and send several photos of themselves, so
+  ``t_bits``, ``l_sp``, ``window`` and ``l_near`` are calibrated on held-out benign traffic
+  to a target false-positive rate (:mod:`raymia.pipelines.red_team`).
 * :class:`CrossClientWindow`: the last ``size`` fingerprints of *all* clients; a query that
   is near the queries of ``k`` or more other client ids within that window is refused
   (Sybil attacks: fresh ids per query gain nothing).  It refuses the query, it does not
