@@ -65,7 +65,8 @@ def main() -> None:
             if v["blocked"]:
                 break
         if not v["blocked"]:
-            raise SystemExit(f"bad-{k} was not blocked by 64 identical queries")
+            print(f"error: bad-{k} was not blocked by 64 identical queries", file=sys.stderr)
+            raise SystemExit(2)
     t0, peak, peak_n, n = time.perf_counter(), 0, 0, 0
     while n < args.clients:
         m = min(args.batch, args.clients - n)
@@ -91,4 +92,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    cli.run_main(main)
