@@ -296,6 +296,11 @@ class RobustFilterCfg:
     l_sp: int = 6                 # strikes (queries near an earlier one) that block the client
     window: int = 30              # strikes count within the client's last N queries (0 = all)
     l_near: int = 4               # a query near >= l_near remembered queries blocks at once (0 = off)
+    # feature rule (0 = off): a query whose R_T embedding has cosine similarity >= feat_sim with >= feat_k
+    # of the client's last feat_memory embeddings blocks at once (needs the model's forward pass)
+    feat_k: int = 0
+    feat_sim: float = 0.9
+    feat_memory: int = 512
     memory: int = 4096            # fingerprints remembered per client (16 bytes each)
     shift: int = 2                # the query is also fingerprinted shifted by up to this many pixels
     base: int = 32                # canonical side before fingerprinting
@@ -324,6 +329,10 @@ class RedTeamCfg:
     window_grid: list = field(default_factory=lambda: [0, 30])   # 0 = strikes never expire
     # second stage: the smallest l_near (0 = off) that keeps the first stage's pick within fpr_target
     l_near_grid: list = field(default_factory=lambda: [3, 4, 5, 6, 8])
+    # third stage (needs R_T): the feature rule on top of that pick; the fewest neighbours feat_k, then the
+    # lowest similarity, that keep within fpr_target (empty feat_k_grid: no feature rule)
+    feat_sim_grid: list = field(default_factory=lambda: [0.85, 0.9, 0.95])
+    feat_k_grid: list = field(default_factory=lambda: [4, 6, 8, 10, 12])
     adaptive_candidates: int = 24 # transformations the adaptive attacker tries per query
     attack_rows: int = 10         # black-box / label-only rows (targets 0.. with one restart each)
     attack_budget: int = 2000     # their query budgets (both attacks)
@@ -625,6 +634,10 @@ def _validate_filter(cfg: "Config") -> None:
            "red_team.t_bits_grid and red_team.l_sp_grid must list integers >= 1")
     _check(all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in rt.l_near_grid),
            "red_team.l_near_grid must list integers >= 1 (empty: no cluster rule)")
+    _check(all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in rt.feat_k_grid)
+           and all(isinstance(v, (int, float)) and not isinstance(v, bool) and -1.0 <= v <= 1.0
+                   for v in rt.feat_sim_grid) and (bool(rt.feat_sim_grid) or not rt.feat_k_grid),
+           "red_team.feat_k_grid must list integers >= 1 and red_team.feat_sim_grid cosine similarities in [-1, 1]")
     f = cfg.filter_sim
     _check(f.max_iters >= 1 and f.trials_per_label >= 1 and f.user_trials_per_label >= 0,
            "filter_sim.max_iters and filter_sim.trials_per_label must be >= 1, filter_sim.user_trials_per_label >= 0")

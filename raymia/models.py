@@ -321,6 +321,19 @@ class ProbModel(nn.Module):
         return torch.softmax(self.classifier(x).float(), 1)
 
 
+def victim_embedding(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """R_T's penultimate features of ``x``, unit length, (B, embed_dim): the view of a query
+    the robust detector's feature rule compares (:mod:`raymia.defenses.filter.robust`).
+    ``model``: a :class:`Classifier`, a :class:`ProbModel` or a
+    :class:`~raymia.defenses.dummy.CombinedModel` (its R_T branch)."""
+    inner = next((m for m in (getattr(model, "classifier", None), getattr(model, "target", None))
+                  if m is not None), model)
+    if not hasattr(inner, "embed"):
+        raise TypeError(f"{type(model).__name__} has no R_T with an embed() method")
+    with torch.inference_mode():
+        return F.normalize(inner.embed(x).float(), dim=1)
+
+
 def freeze(model: nn.Module) -> nn.Module:
     """Eval mode and no parameter gradients: the state every model is in during attacks
     (train-mode BatchNorm would couple the rows of a batch)."""

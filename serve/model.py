@@ -97,6 +97,9 @@ class RaymiaModel:
         self.limit = s.max_body_bytes
         self.admin_digest, self.api_keys = admin_digest, api_keys
         self.filter_params = filter_params
+        # the robust detector's feature rule checks R_T's embedding of the query: the check
+        # then waits for the forward pass instead of running beside it
+        self.embeds = bool(filter_params and filter_params.get("kind") == "robust" and filter_params.get("feat_k"))
         store_opts = {"cache_clients": s.cache_clients, "cache_bytes": int(s.cache_mb * (1 << 20)),
                       "client_ttl_s": s.client_ttl_s}
         if not filter_params:
@@ -121,11 +124,17 @@ class RaymiaModel:
 
     # ------------------------------------------------------------------ model
     def forward(self, images: list) -> list:
+        """Per image its confidence vector, or (confidences, R_T's unit embedding) when the
+        filter's feature rule needs the embedding."""
         import torch
+        from raymia.models import victim_embedding
         self.forwarded += len(images)
         x = torch.from_numpy(np.stack(images)).to(self.device)
         with torch.inference_mode():
-            return list(self.model(x).float().cpu().numpy())
+            probs = list(self.model(x).float().cpu().numpy())
+            if not self.embeds:
+                return probs
+            return list(zip(probs, victim_embedding(self.model, x).cpu().numpy()))
 
     @rserve.batch(max_batch_size=16, batch_wait_timeout_s=0.002)
     async def infer(self, images: list) -> list:
@@ -254,11 +263,15 @@ class RaymiaModel:
         # runs; the answer is released only after the filter has counted the query and
         # found the client safe.
         t0 = time.perf_counter()
-        verdict_task = asyncio.ensure_future(self._timed_check(client_id, image, t0))
-        try:
-            probs = await self.infer(image)
-        finally:
-            verdict = await verdict_task
+        if self.embeds:             # the feature rule: the check needs the forward pass's embedding
+            probs, emb = await self.infer(image)
+            verdict = await self._timed_check(client_id, image, time.perf_counter(), emb)
+        else:
+            verdict_task = asyncio.ensure_future(self._timed_check(client_id, image, t0))
+            try:
+                probs = await self.infer(image)
+            finally:
+                verdict = await verdict_task
         if "error" in verdict:
             raise RequestError(422, "bad_image", verdict["error"])
         if not verdict["safe"]:
@@ -270,9 +283,9 @@ class RaymiaModel:
             raise e
         return 200, prediction(probs, opts["top_k"], opts["labels_only"])
 
-    async def _timed_check(self, client_id: str, image, t0: float) -> dict:
+    async def _timed_check(self, client_id: str, image, t0: float, feature=None) -> dict:
         try:
-            return await self.shards.check(client_id, image, uuid.uuid4().hex)
+            return await self.shards.check(client_id, image, uuid.uuid4().hex, feature)
         finally:
             self.metrics.check.observe(time.perf_counter() - t0)
 

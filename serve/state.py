@@ -72,9 +72,9 @@ class ShardService:
             raise ValueError(f"client {client_id!r} does not belong to shard {self.shard}/{self.n_shards}")
 
     def check_many(self, items: list) -> list:
-        """Verdicts for ``[(client_id, image, request_id), ...]`` in order, one commit for
+        """Verdicts for ``[(client_id, image, request_id[, embedding]), ...]`` in order, one commit for
         all; an input the filter refuses gives ``{"error": message}`` (state unchanged)."""
-        for cid, _, _ in items:
+        for cid, *_ in items:
             self._mine(cid)
         return [{"error": str(r)} if isinstance(r, Exception) else r for r in self.store.check_many(items)]
 
@@ -249,7 +249,7 @@ class _Router:
             return await self.refresh()
         return self.health
 
-    async def check(self, client_id: str, image, request_id: str) -> dict:
+    async def check(self, client_id: str, image, request_id: str, feature=None) -> dict:
         """The filter's verdict for one query.  Checks are batched per shard without a
         timer: a query goes out at once when no call to its shard is in flight from this
         replica, else with everything that queued up meanwhile (at most ``max_batch``
@@ -257,7 +257,8 @@ class _Router:
         at high load."""
         i = shard_of(client_id, self.n)
         fut = asyncio.get_running_loop().create_future()
-        self.pending[i].append(((client_id, image, request_id), fut))
+        item = (client_id, image, request_id) + (() if feature is None else (feature,))
+        self.pending[i].append((item, fut))
         if not self.busy[i]:
             self.busy[i] = True
             asyncio.ensure_future(self._drain(i))

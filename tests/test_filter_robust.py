@@ -188,7 +188,8 @@ def test_red_team_pipeline_on_smoke(smoke_runs, tmp_path):
     cfg = load_config("smoke", [f"run.out_root={smoke_runs}", "red_team.benign_sessions=80", "red_team.attack_queries=12",
                                 "red_team.faces=2", "red_team.t_bits_grid=[12,20]", "red_team.l_sp_grid=[6]",
                                 "red_team.window_grid=[0,30]", "red_team.attack_rows=2", "red_team.attack_budget=120",
-                                "red_team.adaptive_candidates=4"])
+                                "red_team.adaptive_candidates=4", "red_team.feat_sim_grid=[0.95,0.995]",
+                                "red_team.feat_k_grid=[12,24]"])
     from raymia.data import load_bundle
     from raymia.progress import quiet
     from raymia.training import train_artifact
@@ -205,8 +206,12 @@ def test_red_team_pipeline_on_smoke(smoke_runs, tmp_path):
     second = cal[cal.stage == 2]                 # the cluster rule on the first stage's pick
     assert len(second) == 5 and second[["t_bits", "l_sp", "window"]].drop_duplicates().shape[0] == 1
     assert (second.fpr_blocked.diff().dropna() <= 0).all()       # a larger l_near never blocks more
+    third = cal[cal.stage == 3]                  # the feature rule on top of the second stage's pick
+    assert len(third) == 4 and third[["t_bits", "l_sp", "window", "l_near"]].drop_duplicates().shape[0] == 1
+    for _, g in third.groupby("feat_sim"):       # more neighbours needed never blocks more
+        assert (g.sort_values("feat_k").fpr_blocked.diff().dropna() <= 0).all()
     fpr = pd.read_csv(out / "benign_fpr.csv")
-    assert list(fpr["filter"]) == ["raha", "robust", "robust+cross"] and (fpr.sessions == 80).all()
+    assert list(fpr["filter"]) == ["raha", "robust", "robust+cross", red_team.FEATURE] and (fpr.sessions == 80).all()
     assert (fpr.fpr_blocked_lo <= fpr.fpr_blocked).all() and (fpr.fpr_blocked <= fpr.fpr_blocked_hi).all()
     st = pd.read_csv(out / "strategies.csv")
     plain = st[(st.strategy == "dither") & (st["stream"] == "plain")].set_index(["filter", "face"]).answered
@@ -214,9 +219,15 @@ def test_red_team_pipeline_on_smoke(smoke_runs, tmp_path):
     att = pd.read_csv(out / "attacks.csv")
     start = att[att.attack == "label-only: its start point"]
     att = att[att.attack != "label-only: its start point"]
-    assert set(att["filter"]) == {"none", "raha", "robust", "robust+cross", red_team.EVASIVE} and len(att) == 2 * 5 * 2
-    ev = att[att["filter"] == red_team.EVASIVE]
-    assert ev.disguise_ssim.between(0, 1).all() and att[att["filter"] != red_team.EVASIVE].disguise_ssim.isna().all()
+    assert set(att["filter"]) == {"none", "raha", "robust", "robust+cross", red_team.FEATURE, red_team.EVASIVE,
+                                  red_team.EVASIVE_FEATURE} and len(att) == 2 * 7 * 2
+    evasive = att["filter"].isin([red_team.EVASIVE, red_team.EVASIVE_FEATURE])
+    assert att[evasive].disguise_ssim.between(0, 1).all() and att[~evasive].disguise_ssim.isna().all()
+    # the disguises that walk past the fingerprint keep R_T's view of the face: the feature
+    # rule blocks every evasive row, earlier than the fingerprint alone lets it run
+    ev = att[att["filter"] == red_team.EVASIVE].set_index(["attack", "row"])
+    evf = att[att["filter"] == red_team.EVASIVE_FEATURE].set_index(["attack", "row"])
+    assert (evf.blocked_at > 0).all() and (evf.answered < ev.answered).all()
     # the label-only start point: one row per attack row, only behind no filter, and it cost
     # queries no later than the attack's own (it is where the attack began)
     assert len(start) == 2 and set(start["filter"]) == {"none"}
@@ -226,3 +237,74 @@ def test_red_team_pipeline_on_smoke(smoke_runs, tmp_path):
     free = att[att["filter"] == "none"]
     assert (free.blocked_at == 0).all()
     assert "success_top5" in att.columns
+
+
+def coarse_embed(x):
+    """A stand-in for R_T's embedding in these tests: the standardised 4 x 4 block means of
+    the grey image (unit length), a view that small disguises barely move."""
+    x = np.asarray(x, np.float64).mean(1)
+    n, h, w = x.shape
+    e = x.reshape(n, 4, h // 4, 4, w // 4).mean((2, 4)).reshape(n, -1)
+    e = (e - e.mean(1, keepdims=True)) / (e.std(1, keepdims=True) + 1e-6)
+    return (e / np.linalg.norm(e, axis=1, keepdims=True)).astype(np.float32)
+
+
+def test_feature_rule_blocks_at_feat_k_neighbours_needs_an_embedding_and_persists(faces):
+    """Only the feature rule can block here (strikes never reach l_sp): noisy copies of one
+    face are blocked at query feat_k + 1, photos of different people pass; a query without
+    an embedding, or with one of another dimension, is refused and leaves the state as it
+    was; the embeddings survive to_bytes/from_bytes and the restored state decides alike."""
+    x, y, _ = faces
+    p = RobustParams(t_bits=0, l_sp=1000, feat_k=3, feat_sim=0.95, feat_memory=16)
+    rng = np.random.default_rng(1)
+    copies = [np.clip(x[0] + rng.normal(0, 0.02, x[0].shape), 0, 1).astype(np.float32) for _ in range(8)]
+    st = RobustClientState(p)
+    verdicts = [st.check(q, feature=coarse_embed(q[None])[0]).safe for q in copies]
+    assert verdicts == [True] * 3 + [False] * 5 and st.blocked
+    people = [x[np.flatnonzero(y == c)[0]] for c in np.unique(y)[:12]]
+    st = RobustClientState(p)
+    assert all(st.check(q, feature=coarse_embed(q[None])[0]).safe for q in people)
+    before = st.to_bytes()
+    with pytest.raises(FilterInputError, match="embedding"):
+        st.check(people[0])
+    with pytest.raises(FilterInputError, match="embedding"):
+        st.check(people[0], feature=np.ones(5))
+    with pytest.raises(FilterInputError, match="embedding"):
+        st.check(people[0], feature=np.full(16, np.nan))
+    assert st.to_bytes() == before
+    back = RobustClientState.from_bytes(before)
+    assert np.array_equal(back.features(), st.features()) and back.features().shape == (12, 16)
+    for q in copies:
+        f = coarse_embed(q[None])[0]
+        assert back.check(q, feature=f) == st.check(q, feature=f)
+    raw = bytearray(before)
+    raw[-3] ^= 0xFF                       # a flipped byte in the stored embeddings
+    with pytest.raises(FilterInputError):
+        RobustClientState.from_bytes(bytes(raw))
+    with pytest.raises(ValueError, match="feat_sim"):
+        RobustParams(feat_k=2, feat_sim=1.5)
+    with pytest.raises(ValueError, match="embed"):
+        R.Gate(p)
+
+
+def test_feature_rule_blocks_the_evasive_attacker_the_fingerprint_misses(faces):
+    """The adaptive attacker disguises each of 30 asks of one face past the fingerprint
+    (it knows it); behind the fingerprint alone it gets all of them answered, behind the
+    same detector with the feature rule it is blocked within feat_k + 4 queries, because
+    its disguises must keep the face the model sees."""
+    from raymia.attacks.oracle import InProcessOracle
+
+    class Const(torch.nn.Module):
+        def forward(self, t):
+            return torch.full((t.shape[0], 3), 1 / 3)
+    x, _, _ = faces
+    p = RobustParams(t_bits=12, l_sp=6, window=30, l_near=4)
+    pf = RobustParams(t_bits=12, l_sp=6, window=30, l_near=4, feat_k=4, feat_sim=0.8)
+    same = torch.from_numpy(np.stack([x[0]] * 30))
+    answered = {}
+    for name, params in (("fingerprint", p), ("feature", pf)):
+        gate = R.Gate(params, embed=coarse_embed)
+        ev = R.EvasiveOracle(R.GatedOracle(InProcessOracle(Const(), 1, 3), gate, ["a"]), p, seed=0)
+        ev.query(same, [0] * 30)
+        answered[name] = int(ev.answered[0])
+    assert answered["fingerprint"] == 30 and pf.feat_k <= answered["feature"] <= pf.feat_k + 4, answered

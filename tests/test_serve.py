@@ -340,6 +340,33 @@ def test_filter_state_store_snapshot_plus_log_restores_the_exact_state(store_at)
     assert ref.count > 0 and not ref.blocked
 
 
+def test_store_keeps_the_feature_rule_embeddings_through_snapshot_and_log(store_at):
+    """The robust detector with its feature rule in the store: every query's embedding is
+    logged beside its image, so a holder that reloads (snapshot + replayed log) has the
+    state of a never-stopped detector, bit for bit, and blocks where it blocks; a query
+    without an embedding is refused (state unchanged)."""
+    from raymia.defenses.filter.robust import RobustClientState, RobustParams
+    p = RobustParams(t_bits=0, l_sp=1000, feat_k=4, feat_sim=0.9, feat_memory=8)
+    rng = np.random.default_rng(4)
+    centre = rng.normal(size=24)
+    queries = [(rng.random((1, 16, 16)).astype(np.float32),
+                (centre if i % 2 else rng.normal(size=24)) + 0.1 * rng.normal(size=24)) for i in range(14)]
+    ref = RobustClientState(p)
+    store = FilterStateStore(store_at, p, snapshot_every=5)
+    for i, (q, f) in enumerate(queries):
+        want = ref.check(q, feature=f)
+        got = store.check("k", q, f"r{i}", f)
+        assert (got["safe"], got["count"], got["matches"]) == (want.safe, want.count, want.matches)
+        other = FilterStateStore(store_at, p, snapshot_every=5)       # empty cache: reads the stored state
+        assert other._load("k").state.to_bytes() == ref.to_bytes()
+        other.close()
+    assert ref.blocked and 0 < ref.features().shape[0] < len(queries)
+    with pytest.raises(FilterInputError, match="embedding"):
+        store.check("new", queries[0][0])
+    assert store.get("new") is None
+    store.close()
+
+
 # ----------------------------------------------------------------------------- operator features, live
 
 def test_json_garbage_over_http_never_answers_5xx(serve_app):

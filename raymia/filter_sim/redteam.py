@@ -35,11 +35,18 @@ from ..defenses.filter.robust import CrossClientWindow, Fingerprinter, RobustPar
 class Gate:
     """A filter in front of a model for many clients.  ``params``: FilterParams (Algorithm 2)
     or RobustParams; ``cross``: a CrossClientWindow (robust only) checked after the client's
-    own state; a query it refuses is not answered, but the client is not blocked by it."""
+    own state; a query it refuses is not answered, but the client is not blocked by it.
+    ``embed``: images (N, C, H, W) -> their unit R_T embeddings (N, D), needed when the
+    robust detector's feature rule is on (``feat_k``); :meth:`ask` takes a query's
+    embedding if the caller has it already (from the model's forward pass)."""
 
-    def __init__(self, params, cross: Optional[CrossClientWindow] = None):
-        self.params, self.cross = params, cross
+    def __init__(self, params, cross: Optional[CrossClientWindow] = None,
+                 embed: Optional[Callable[[np.ndarray], np.ndarray]] = None):
+        self.params, self.cross, self.embed = params, cross, embed
         self.robust = isinstance(params, RobustParams)
+        self.needs_features = self.robust and params.feat_k > 0
+        if self.needs_features and embed is None:
+            raise ValueError("the robust detector's feature rule (feat_k > 0) needs an embed function")
         self._fp = Fingerprinter(params) if self.robust else None
         self.states: Dict[Hashable, object] = {}
         self.refused_cross = 0
@@ -50,13 +57,22 @@ class Gate:
             st = self.states[client] = self.params.state_class()(self.params)
         return st
 
-    def ask(self, client: Hashable, image: np.ndarray) -> bool:
+    def features(self, images: Sequence[np.ndarray], chunk: int = 512) -> Optional[np.ndarray]:
+        """The embeddings of ``images`` in batches (None when the gate needs none)."""
+        if not self.needs_features:
+            return None
+        x = np.asarray(images, np.float32)
+        return np.concatenate([self.embed(x[i:i + chunk]) for i in range(0, len(x), chunk)])
+
+    def ask(self, client: Hashable, image: np.ndarray, feature: Optional[np.ndarray] = None) -> bool:
         q = np.asarray(image, np.float32)
         st = self.state(client)
         if not self.robust:
             return st.check(q).safe
+        if self.needs_features and feature is None:
+            feature = self.embed(q[None])[0]
         v = self._fp.variants(q.reshape((-1,) + q.shape[-2:]))
-        if not st.check(q, v).safe:
+        if not st.check(q, v, feature).safe:
             return False
         if self.cross is not None and not self.cross.check(client, q, v):
             self.refused_cross += 1
@@ -196,8 +212,9 @@ class StreamResult:
 
 def run_stream(gate: Gate, stream: Sequence[Tuple[str, np.ndarray, bool]]) -> StreamResult:
     answered = first = at = k = 0
+    feats = gate.features([img for _, img, _ in stream])
     for j, (cid, img, is_attack) in enumerate(stream, 1):
-        ok = gate.ask(cid, img)
+        ok = gate.ask(cid, img, None if feats is None else feats[j - 1])
         if is_attack:
             k += 1
             if ok:
@@ -269,11 +286,12 @@ class GatedOracle(Oracle):
         x = images.float().clamp(0, 1).cpu().numpy()
         rr = rows.numpy()
         ok = np.zeros(len(rr), bool)
+        feats = self.gate.features(x)
         for j, r in enumerate(rr):
             if self.blocked_at[r]:
                 continue
             self.sent[r] += 1
-            if self.gate.ask(self.ids[r], x[j]):
+            if self.gate.ask(self.ids[r], x[j], None if feats is None else feats[j]):
                 ok[j] = True
                 self.answered[r] += 1
             else:
@@ -400,11 +418,14 @@ def interleave(sessions: List[List[np.ndarray]], rng: np.random.Generator, prefi
     return out
 
 
-def false_positives(gate: Gate, stream: List[Tuple[str, np.ndarray]]) -> dict:
-    """Run benign traffic through a gate: sessions blocked, and sessions with any refusal."""
+def false_positives(gate: Gate, stream: List[Tuple[str, np.ndarray]], feats: Optional[np.ndarray] = None) -> dict:
+    """Run benign traffic through a gate: sessions blocked, and sessions with any refusal.
+    ``feats``: the stream's embeddings when already computed (else the gate computes them
+    if it needs them)."""
     refused: Dict[str, int] = {}
-    for cid, img in stream:
-        if not gate.ask(cid, img):
+    feats = gate.features([img for _, img in stream]) if feats is None and gate.needs_features else feats
+    for j, (cid, img) in enumerate(stream):
+        if not gate.ask(cid, img, None if feats is None else feats[j]):
             refused[cid] = refused.get(cid, 0) + 1
     clients = {cid for cid, _ in stream}
     blocked = sum(gate.blocked(c) for c in clients)

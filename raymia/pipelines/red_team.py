@@ -24,6 +24,8 @@ from ..runtime import out_dir, pick_device, seed_everything
 
 ATTACK_KINDS = ("target", "evaluator", "attacker_gan")
 EVASIVE = "robust, evasive attacker"      # the robust gate, every query disguised by the adaptive attacker
+FEATURE = "robust+feature"                 # the robust gate with the feature rule (R_T's embedding) calibrated on top
+EVASIVE_FEATURE = "robust+feature, evasive attacker"
 
 
 def say(msg: str) -> None:
@@ -75,11 +77,37 @@ def calibrate(cal_stream, base: RobustParams, t_bits_grid, l_sp_grid, window_gri
     return table, chosen
 
 
-def _gates(cfg: Config, robust: RobustParams) -> dict:
+def calibrate_features(cal_stream, chosen: RobustParams, feat_sim_grid, feat_k_grid, fpr_target: float, embed):
+    """Third stage: the fingerprint pick ``chosen`` plus the feature rule at every
+    (feat_sim, feat_k) of the grid on the calibration traffic; the chosen one keeps the
+    share of blocked sessions within ``fpr_target`` (or, when ``chosen`` alone already
+    blocks more, blocks no session more than it) and is the most sensitive such (fewest
+    neighbours, then the lowest similarity).  Returns (rows, params or None when none fits)."""
+    limit = max(fpr_target, R.false_positives(R.Gate(chosen), cal_stream)["fpr_blocked"])
+    rows = []
+    feats = None
+    for k in sorted(int(v) for v in feat_k_grid):
+        for sim in sorted(float(v) for v in feat_sim_grid):
+            p = dataclasses.replace(chosen, feat_k=k, feat_sim=sim)
+            gate = R.Gate(p, embed=embed)
+            feats = gate.features([img for _, img in cal_stream]) if feats is None else feats   # once for the grid
+            fp = R.false_positives(gate, cal_stream, feats)
+            rows.append({"stage": 3, "t_bits": p.t_bits, "l_sp": p.l_sp, "window": p.window, "l_near": p.l_near,
+                         "feat_k": k, "feat_sim": sim, **fp})
+    fits = [r for r in rows if r["fpr_blocked"] <= limit]
+    pick = min(fits, key=lambda r: (r["feat_k"], r["feat_sim"])) if fits else None
+    return rows, (None if pick is None else dataclasses.replace(chosen, feat_k=pick["feat_k"],
+                                                                feat_sim=pick["feat_sim"]))
+
+
+def _gates(cfg: Config, robust: RobustParams, featured: Optional[RobustParams] = None, embed=None) -> dict:
     rf = cfg.robust_filter
-    return {"raha": lambda: R.Gate(FilterParams.from_config(cfg.filter)),
-            "robust": lambda: R.Gate(robust),
-            "robust+cross": lambda: R.Gate(robust, CrossClientWindow(robust, rf.cross_window, rf.cross_k))}
+    gates = {"raha": lambda: R.Gate(FilterParams.from_config(cfg.filter)),
+             "robust": lambda: R.Gate(robust),
+             "robust+cross": lambda: R.Gate(robust, CrossClientWindow(robust, rf.cross_window, rf.cross_k))}
+    if featured is not None:
+        gates[FEATURE] = lambda: R.Gate(featured, embed=embed)
+    return gates
 
 
 def _fpr_rows(gates: dict, stream) -> list:
@@ -109,23 +137,30 @@ def strategy_rows(gates: dict, faces: np.ndarray, decoys: np.ndarray, n_attack: 
     return rows
 
 
-def adaptive_rows(robust: RobustParams, faces: np.ndarray, n_attack: int, candidates: int, seed: int) -> list:
+def adaptive_rows(robust: RobustParams, faces: np.ndarray, n_attack: int, candidates: int, seed: int,
+                  gates: Optional[dict] = None) -> list:
+    """The adaptive stream of each face (it evades ``robust``'s fingerprint) against the
+    robust gate and, in ``gates``, the robust gate with the feature rule."""
     rows = []
     for k, face in enumerate(faces):
         qs, ssims, dists = R.adaptive_queries(face, robust, n_attack, np.random.default_rng(seed + k), candidates)
-        r = R.run_stream(R.Gate(robust), [("adaptive", q, True) for q in qs])
         ok = [s for s, d in zip(ssims, dists) if d > robust.t_bits]
-        rows.append({"face": k, "answered": r.answered_attack, "first_refused": r.first_refused, "n_attack": n_attack,
-                     "evading_queries": len(ok), "ssim_mean": float(np.mean(ssims)),
-                     "ssim_min": float(np.min(ssims))})
+        against = {"robust": lambda: R.Gate(robust), **{g: m for g, m in (gates or {}).items() if g == FEATURE}}
+        for gname, make in against.items():
+            r = R.run_stream(make(), [("adaptive", q, True) for q in qs])
+            rows.append({"face": k, "filter": gname, "answered": r.answered_attack, "first_refused": r.first_refused,
+                         "n_attack": n_attack, "evading_queries": len(ok), "ssim_mean": float(np.mean(ssims)),
+                         "ssim_min": float(np.min(ssims))})
     return rows
 
 
 def attack_rows(cfg: Config, bundle, gates: dict, device, robust: Optional[RobustParams] = None) -> list:
     """Black-box (NES) and label-only attacks on R_T alone, unfiltered and behind each gate,
-    and (with ``robust``) behind the robust detector with every query disguised by the
-    adaptive attacker (:class:`~raymia.filter_sim.redteam.EvasiveOracle`); each row's
-    reconstruction is judged at its end (for a blocked row: at the block)."""
+    and (with ``robust``) behind the robust detector (and the robust detector with the
+    feature rule, when ``gates`` has it) with every query disguised by the adaptive
+    attacker (:class:`~raymia.filter_sim.redteam.EvasiveOracle`, which evades ``robust``'s
+    fingerprint); each row's reconstruction is judged at its end (for a blocked row: at
+    the block)."""
     from ..attacks.blackbox import blackbox_mia
     from ..attacks.label_only import label_only_mia
     from ..attacks.oracle import InProcessOracle
@@ -154,6 +189,8 @@ def attack_rows(cfg: Config, bundle, gates: dict, device, robust: Optional[Robus
     runs = [("none", None, False)] + [(g, make, False) for g, make in gates.items()]
     if robust is not None:
         runs.append((EVASIVE, gates["robust"], True))
+        if FEATURE in gates:
+            runs.append((EVASIVE_FEATURE, gates[FEATURE], True))
     rows = []
     for aname, (labels_only, run) in attacks.items():
         for gname, gate, evasive in runs:
@@ -185,12 +222,26 @@ def attack_rows(cfg: Config, bundle, gates: dict, device, robust: Optional[Robus
     return rows
 
 
+def _victim_embedder(cfg: Config, device):
+    """images (N, C, H, W) numpy -> R_T's unit embeddings (N, D) numpy (the feature rule's view)."""
+    import torch
+    from ..kinds import artifact_dir
+    from ..models import freeze, victim_embedding
+    from ..training import load_classifier
+    clf = freeze(load_classifier(artifact_dir(cfg, "target"), device)[0]).eval()
+    return lambda x: victim_embedding(clf, torch.as_tensor(x, dtype=torch.float32, device=device)).cpu().numpy()
+
+
 def summarize(out: Path, cfg: Config, robust: RobustParams, calib: pd.DataFrame, fpr: pd.DataFrame,
-              strat: pd.DataFrame, adapt: pd.DataFrame, attacks: Optional[pd.DataFrame]) -> str:
+              strat: pd.DataFrame, adapt: pd.DataFrame, attacks: Optional[pd.DataFrame],
+              featured: Optional[RobustParams] = None) -> str:
+    feat = (f" With the feature rule ({FEATURE}, third stage): a query whose R_T embedding has cosine "
+            f"similarity >= {featured.feat_sim:g} with >= {featured.feat_k} of the client's remembered ones "
+            "blocks it." if featured is not None else "")
     md = [f"# Red team ({cfg.data.name}, seed {cfg.run.seed})", "",
           f"Calibrated robust detector (FPR target {cfg.red_team.fpr_target:.1%} of sessions blocked, chosen on the "
           f"calibration half): t_bits {robust.t_bits}, L {robust.l_sp}, window {robust.window or 'none'}, "
-          f"l_near {robust.l_near or 'off'}.", "",
+          f"l_near {robust.l_near or 'off'}.{feat}", "",
           "## Benign sessions (report half)", "",
           "| filter | sessions | queries | blocked | FPR blocked [95% CI] | any query refused [95% CI] |", "|---|---|---|---|---|---|"]
     for r in fpr.itertuples():
@@ -205,11 +256,12 @@ def summarize(out: Path, cfg: Config, robust: RobustParams, calib: pd.DataFrame,
     md.append("|---|---|" + "---|" * len(cols))
     for (sname, stream), r in piv.iterrows():
         md.append(f"| {sname} | {stream} | " + " | ".join(str(int(r[c])) for c in cols) + " |")
-    md += ["", "## Adaptive attacker (knows the robust detector)", "",
-           "| face | answered | first refused | queries farther than t_bits | SSIM to the face: mean / min |",
-           "|---|---|---|---|---|"]
+    md += ["", "## Adaptive attacker (knows the robust detector's fingerprint)", "",
+           "| face | filter | answered | first refused | queries farther than t_bits | SSIM to the face: mean / min |",
+           "|---|---|---|---|---|---|"]
     for r in adapt.itertuples():
-        md.append(f"| {r.face} | {r.answered} of {r.n_attack} | {r.first_refused or '-'} | {r.evading_queries} | "
+        md.append(f"| {r.face} | {r.filter} | {r.answered} of {r.n_attack} | {r.first_refused or '-'} | "
+                  f"{r.evading_queries} | "
                   f"{r.ssim_mean:.3f} / {r.ssim_min:.3f} |")
     if attacks is not None and len(attacks):
         judges = [c for c in attacks.columns if c.endswith("top5")]
@@ -259,20 +311,32 @@ def run(cfg: Config, out: Optional[str] = None, address: Optional[str] = None, a
     say(f"calibrated on {len(cal)} benign queries ({rt.benign_sessions} sessions): t_bits "
         f"{robust.t_bits}, L {robust.l_sp}, window {robust.window}, l_near {robust.l_near or 'off'} "
         f"({time.time() - t0:.0f}s)")
-    gates = _gates(cfg, robust)
+    featured, embed = None, None
+    if attacks and rt.feat_k_grid:
+        embed = _victim_embedder(cfg, device)
+        rows3, featured = calibrate_features(cal, robust, rt.feat_sim_grid, rt.feat_k_grid, rt.fpr_target, embed)
+        calib = pd.concat([calib, pd.DataFrame(rows3)], ignore_index=True)
+        calib.to_csv(run_dir / "calibration.csv", index=False)
+        if featured is not None:
+            (run_dir / "robust_feature_filter.json").write_text(json.dumps(featured.to_dict(), indent=2))
+        say("feature rule: " + (f"feat_k {featured.feat_k}, feat_sim {featured.feat_sim:g}" if featured
+                                else f"no (feat_sim, feat_k) of the grid blocks at most {rt.fpr_target:.1%}")
+            + f" ({time.time() - t0:.0f}s)")
+    gates = _gates(cfg, robust, featured, embed)
     fpr = pd.DataFrame(_fpr_rows(gates, rep))
     fpr.to_csv(run_dir / "benign_fpr.csv", index=False)
     faces = np.stack([photos[k][0] for k in sorted(photos)[:rt.faces]])   # the first identities' first photos
     strat = pd.DataFrame(strategy_rows(gates, faces, decoys, rt.attack_queries, cfg.run.seed))
     strat.to_csv(run_dir / "strategies.csv", index=False)
     say(f"{len(strat)} strategy runs ({time.time() - t0:.0f}s)")
-    adapt = pd.DataFrame(adaptive_rows(robust, faces, rt.attack_queries, rt.adaptive_candidates, cfg.run.seed))
+    adapt = pd.DataFrame(adaptive_rows(robust, faces, rt.attack_queries, rt.adaptive_candidates, cfg.run.seed,
+                                       gates))
     adapt.to_csv(run_dir / "adaptive.csv", index=False)
     att = None
     if attacks:
         att = pd.DataFrame(attack_rows(cfg, bundle, gates, device, robust))
         att.to_csv(run_dir / "attacks.csv", index=False)
-    print(summarize(run_dir, cfg, robust, calib, fpr, strat, adapt, att))
+    print(summarize(run_dir, cfg, robust, calib, fpr, strat, adapt, att, featured))
     say(f"outputs: {run_dir}")
     return run_dir
 

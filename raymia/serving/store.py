@@ -42,9 +42,21 @@ def _pack_image(image: np.ndarray) -> tuple[int, bytes]:
 
 
 def _unpack_image(blob: bytes, u8: int, shape: tuple) -> np.ndarray:
+    n = int(np.prod(shape))
     if u8:
-        return np.frombuffer(blob, dtype=np.uint8).reshape(shape).astype(np.float32) / 255.0
-    return np.frombuffer(blob, dtype="<f4").reshape(shape).astype(np.float32)
+        return np.frombuffer(blob, dtype=np.uint8, count=n).reshape(shape).astype(np.float32) / 255.0
+    return np.frombuffer(blob, dtype="<f4", count=n).reshape(shape).astype(np.float32)
+
+
+def _unpack_log(blob: bytes, u8: int, shape: tuple) -> tuple[np.ndarray, Optional[np.ndarray]]:
+    """A logged query: the image and, after its bytes, the model's embedding of it when the
+    detector takes one (the robust detector's feature rule), else None."""
+    blob = bytes(blob)
+    size = int(np.prod(shape)) * (1 if u8 else 4)
+    if len(blob) < size or (len(blob) - size) % 4:
+        raise ValueError(f"logged query of {len(blob)} bytes does not fit its shape {tuple(shape)}")
+    rest = blob[size:]
+    return _unpack_image(blob, u8, shape), (np.frombuffer(rest, dtype="<f4").copy() if rest else None)
 
 
 audit_log = logging.getLogger("raymia.audit")
@@ -209,7 +221,8 @@ class FilterStateStore:
                 for c, h, w, u8, img in self.db.execute("SELECT c, h, w, u8, image FROM log WHERE client_id=? AND "
                                                         "seq>? ORDER BY seq", (client_id, snap_seq)):
                     if not st.blocked:
-                        st.check(_unpack_image(img, u8, (c, h, w)))
+                        q, f = _unpack_log(img, u8, (c, h, w))
+                        st.check(q) if f is None else st.check(q, feature=f)
                 st.count, st.n_queries = int(count), int(nq)     # the stored counters are the truth
                 e = _Entry(int(version), st, int(seq), int(snap_seq))
             except Exception as err:      # a corrupt snapshot or log: set it aside, start clean
@@ -327,9 +340,10 @@ class FilterStateStore:
 
     # -- writing: always inside one IMMEDIATE transaction, so nobody else writes meanwhile
     def _store(self, client_id: str, e: _Entry, st, image: Optional[np.ndarray], snapshot: bool,
-               request_id: Optional[str], verdict: dict, now: float) -> _Entry:
-        """Store the state after one change: the logged query (``image``; None when only
-        the counters changed) or a new snapshot.  Returns the new cache entry.  A new
+               request_id: Optional[str], verdict: dict, now: float, feature: Optional[np.ndarray] = None) -> _Entry:
+        """Store the state after one change: the logged query (``image``, and its embedding
+        ``feature`` when the detector takes one; None when only the counters changed) or a
+        new snapshot.  Returns the new cache entry.  A new
         client's row starts with the empty state's snapshot (~0.3 KB) plus its first query
         in the log (one image), not with a snapshot of a full buffer."""
         new = e.version == 0
@@ -355,6 +369,8 @@ class FilterStateStore:
             self.db.execute("DELETE FROM log WHERE client_id=? AND seq<=?", (client_id, seq))
         elif image is not None:
             u8, blob = _pack_image(image)
+            if feature is not None:
+                blob += np.asarray(feature, "<f4").reshape(-1).tobytes()
             self.db.execute("INSERT INTO log VALUES (?, ?, ?, ?, ?, ?, ?)", (client_id, seq, *image.shape, u8, blob))
         if request_id is not None:
             self.db.execute("INSERT INTO requests VALUES (?, ?, ?) ON CONFLICT (request_id) DO UPDATE SET "
@@ -375,20 +391,22 @@ class FilterStateStore:
         self.db.execute("INSERT INTO evidence (client_id, at, detail) VALUES (?, ?, ?)",
                         (client_id, now, json.dumps(detail, sort_keys=True)))
 
-    def _check_one(self, client_id: str, image, request_id: Optional[str], now: float) -> dict:
+    def _check_one(self, client_id: str, image, request_id: Optional[str], now: float, feature=None) -> dict:
         if request_id is not None:
             row = self.db.execute("SELECT verdict FROM requests WHERE request_id=?", (request_id,)).fetchone()
             if row is not None:
                 return {**json.loads(row[0]), "replayed": True}
         e = self._load(client_id)
         st, was_blocked = e.state, e.state.blocked
-        r = st.check(image)            # FilterInputError: refused, state unchanged
+        # FilterInputError: refused, state unchanged
+        r = st.check(image) if feature is None else st.check(image, feature=feature)
         near = getattr(st, "compared", None)   # Algorithm 2's SSIM comparisons of this check (robust: none)
         verdict = {"safe": bool(r.safe), "blocked": bool(r.blocked), "count": int(r.count),
                    "matches": int(r.matches), "n_queries": int(st.n_queries)}
         logged = None if was_blocked else np.asarray(image, dtype=np.float32).reshape(st.shape)
         snapshot = logged is not None and e.seq + 1 - e.snap_seq >= self.snapshot_every
-        self._put(client_id, self._store(client_id, e, st, logged, snapshot, request_id, verdict, now))
+        self._put(client_id, self._store(client_id, e, st, logged, snapshot, request_id, verdict, now,
+                                         None if feature is None else np.asarray(feature, np.float32)))
         if r.matches:
             self._evidence(client_id, st, r, near, now)
         if r.blocked and not was_blocked:                # the transition: audited and fsync'd before the 403
@@ -418,13 +436,14 @@ class FilterStateStore:
             return out
 
     def check_many(self, items: Sequence[tuple]) -> list:
-        """Algorithm 2 for several queries ``(client_id, image, request_id)``, in order, and
+        """The filter for several queries ``(client_id, image, request_id[, embedding])`` (the
+        embedding: the model's, for the robust detector's feature rule), in order, and
         one commit for all; per item its verdict ``{"safe", "blocked", "count", "matches",
         "n_queries", "replayed"}`` or the :class:`~raymia.defenses.filter.FilterInputError`
         that refused it (that client's state unchanged)."""
         def one(item, now):
             try:
-                return self._check_one(item[0], item[1], item[2], now)
+                return self._check_one(item[0], item[1], item[2], now, item[3] if len(item) > 3 else None)
             except self._input_error as err:
                 return err
         out = self._batch(one, items)
@@ -433,9 +452,10 @@ class FilterStateStore:
             out = [{**v, "mark": mark} if isinstance(v, dict) and v.get("blocked") else v for v in out]
         return out
 
-    def check(self, client_id: str, image: np.ndarray, request_id: Optional[str] = None) -> dict:
+    def check(self, client_id: str, image: np.ndarray, request_id: Optional[str] = None,
+              feature: Optional[np.ndarray] = None) -> dict:
         """One query (see :meth:`check_many`); a refused input raises FilterInputError."""
-        (res,) = self.check_many([(client_id, image, request_id)])
+        (res,) = self.check_many([(client_id, image, request_id) + (() if feature is None else (feature,))])
         if isinstance(res, Exception):
             raise res
         return res

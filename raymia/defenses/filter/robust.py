@@ -21,9 +21,17 @@ compares queries where such changes do not move them:
   remembered queries blocks the client at once: ``l_near + 1`` near-duplicates sit in the
   memory, however many unrelated queries came between them (decoys, a slow attack), which
   the strike window alone lets expire.
+* **Feature clusters** (``feat_k``, 0 = off): the fingerprint only sees pixels, and an
+  attacker who knows it disguises every query past it (:class:`~raymia.filter_sim.redteam.EvasiveOracle`).
+  A query attack needs the model's answer to the image it means to ask about, so its
+  disguised queries must keep the model's view of the image: the victim's own
+  embedding (R_T's penultimate features, unit length) of each query is remembered
+  (the last ``feat_memory``), and a query whose embedding has cosine similarity at least
+  ``feat_sim`` with at least ``feat_k`` remembered ones blocks the client at once.  The
+  embedding comes from the model's forward pass, so the check takes it as an argument.
 * Benign users re-send a photo a few times and send several photos of themselves, so
-  ``t_bits``, ``l_sp``, ``window`` and ``l_near`` are calibrated on held-out benign traffic
-  to a target false-positive rate (:mod:`raymia.pipelines.red_team`).
+  ``t_bits``, ``l_sp``, ``window``, ``l_near`` and ``feat_sim``/``feat_k`` are calibrated
+  on held-out benign traffic to a target false-positive rate (:mod:`raymia.pipelines.red_team`).
 * :class:`CrossClientWindow`: the last ``size`` fingerprints of *all* clients; a query that
   is near the queries of ``k`` or more other client ids within that window is refused
   (Sybil attacks: fresh ids per query gain nothing).  It refuses the query, it does not
@@ -56,6 +64,10 @@ class RobustParams:
     l_sp     strikes that block the client
     window   strikes count only within the client's last ``window`` queries (0 = all)
     l_near   a query near at least l_near remembered queries blocks the client (0 = off)
+    feat_k   a query whose embedding has cosine similarity >= feat_sim with at least feat_k
+             remembered embeddings blocks the client (0 = off; then no embedding is needed)
+    feat_sim that similarity
+    feat_memory  embeddings remembered per client
     memory   fingerprints remembered per client
     shift    query variants shifted by -shift..shift pixels (at the ``base`` side), both axes
     base     canonical side the query is resized to before fingerprinting; the fingerprint
@@ -68,6 +80,9 @@ class RobustParams:
     l_sp: int = 6
     window: int = 0
     l_near: int = 0
+    feat_k: int = 0
+    feat_sim: float = 0.9
+    feat_memory: int = 512
     memory: int = 4096
     shift: int = 2
     base: int = 32
@@ -81,14 +96,16 @@ class RobustParams:
 
     def __post_init__(self):
         bad = []
-        for name in ("l_sp", "memory", "base", "grid", "dct", "max_side", "max_channels"):
+        for name in ("l_sp", "memory", "feat_memory", "base", "grid", "dct", "max_side", "max_channels"):
             v = getattr(self, name)
             if not _is_int(v) or v < 1:
                 bad.append(f"{name} must be an integer >= 1, got {v!r}")
-        for name in ("t_bits", "window", "shift", "l_near"):
+        for name in ("t_bits", "window", "shift", "l_near", "feat_k"):
             v = getattr(self, name)
             if not _is_int(v) or v < 0:
                 bad.append(f"{name} must be an integer >= 0, got {v!r}")
+        if not _is_real(self.feat_sim) or not -1.0 <= float(self.feat_sim) <= 1.0:
+            bad.append(f"feat_sim must be a cosine similarity in [-1, 1], got {self.feat_sim!r}")
         if not _is_real(self.data_range) or float(self.data_range) <= 0:
             bad.append(f"data_range must be a finite number > 0, got {self.data_range!r}")
         if not bad:
@@ -101,6 +118,7 @@ class RobustParams:
         if bad:
             raise ValueError("invalid robust filter parameters: " + "; ".join(bad))
         object.__setattr__(self, "data_range", float(self.data_range))
+        object.__setattr__(self, "feat_sim", float(self.feat_sim))
 
     @property
     def words(self) -> int:
@@ -137,7 +155,7 @@ class RobustParams:
 
     def thresholds(self) -> dict:
         return {"t_bits": self.t_bits, "l_sp": self.l_sp, "window": self.window, "l_near": self.l_near,
-                "memory": self.memory}
+                "feat_k": self.feat_k, "feat_sim": self.feat_sim, "memory": self.memory}
 
     def state_class(self):
         return RobustClientState
@@ -145,6 +163,7 @@ class RobustParams:
     def label(self) -> str:
         w = f" window={self.window}" if self.window else ""
         w += f" l_near={self.l_near}" if self.l_near else ""
+        w += f" feat_k={self.feat_k} feat_sim={self.feat_sim:g}" if self.feat_k else ""
         return f"robust t_bits={self.t_bits} L={self.l_sp}{w} memory={self.memory} shift={self.shift}"
 
 
@@ -255,6 +274,9 @@ class RobustClientState:
         self._n = 0                          # fingerprints remembered
         self._head = 0                       # next slot of the ring
         self._fp = Fingerprinter(params)
+        self._feat: Optional[np.ndarray] = None   # (feat_memory, dim) unit embeddings, allocated at the first
+        self._nf = 0                              # embeddings remembered
+        self._fhead = 0
 
     @property
     def blocked(self) -> bool:
@@ -275,22 +297,61 @@ class RobustClientState:
         return np.concatenate([self._mem[:, self._head:], self._mem[:, :self._head]], axis=1).T.copy()
 
     def nbytes(self) -> int:
-        return 512 + int(self._mem.nbytes)
+        return 512 + int(self._mem.nbytes) + (0 if self._feat is None else int(self._feat.nbytes))
+
+    def features(self) -> np.ndarray:
+        """Remembered embeddings, oldest first (a copy; (0, 0) when none)."""
+        if self._feat is None:
+            return np.zeros((0, 0), np.float32)
+        if self._nf < self.params.feat_memory:
+            return self._feat[:self._nf].copy()
+        return np.concatenate([self._feat[self._fhead:], self._feat[:self._fhead]])
+
+    def _feature(self, feature: Any) -> Optional[np.ndarray]:
+        """The query's embedding as a unit float32 vector (None when the rule is off)."""
+        if not self.params.feat_k:
+            return None
+        if feature is None:
+            raise FilterInputError("this robust detector (feat_k > 0) needs the model's embedding of the query")
+        f = np.asarray(feature, np.float32).reshape(-1)
+        norm = float(np.linalg.norm(f)) if f.size else 0.0
+        if not np.isfinite(norm) or norm == 0.0 or (self._feat is not None and f.size != self._feat.shape[1]):
+            raise FilterInputError(f"the query's embedding must be a finite non-zero vector of the client's "
+                                   f"dimension, got {f.size} values")
+        return f / norm
+
+    def near_features(self, f: np.ndarray) -> int:
+        """How many remembered embeddings have cosine similarity >= feat_sim with ``f``."""
+        if self._feat is None or not self._nf:
+            return 0
+        return int(np.count_nonzero(self._feat[:self._nf] @ f >= self.params.feat_sim))
+
+    def _remember_feature(self, f: np.ndarray) -> None:
+        if self._feat is None:
+            self._feat = np.zeros((self.params.feat_memory, f.size), np.float32)
+        self._feat[self._fhead] = f
+        self._fhead = (self._fhead + 1) % self.params.feat_memory
+        self._nf = min(self._nf + 1, self.params.feat_memory)
 
     def near(self, variants: np.ndarray) -> int:
         """How many remembered queries lie within t_bits of a query with these variants."""
         d = _hamming_min_cols(variants, self._mem, self._n)
         return int(np.count_nonzero(d <= self.params.t_bits))
 
-    def check(self, img: Any, variants: Optional[np.ndarray] = None) -> FilterResult:
-        """Validate ``img`` and decide; :class:`FilterInputError` leaves the state unchanged."""
+    def check(self, img: Any, variants: Optional[np.ndarray] = None, feature: Any = None) -> FilterResult:
+        """Validate ``img`` (and, with ``feat_k``, its embedding ``feature``) and decide;
+        :class:`FilterInputError` leaves the state unchanged."""
         p = self.params
         q = _validate_query(img, p, self._shape)     # reads max_channels, max_side, data_range
+        f = self._feature(feature)
         v = self._fp.variants(q) if variants is None else variants
         self.n_queries += 1
         if self.blocked:
             return FilterResult(False, 0, self.count, True)
         matches = self.near(v)
+        if f is not None and self.near_features(f) >= p.feat_k:
+            self.count = p.l_sp
+            return FilterResult(False, max(matches, p.feat_k), self.count, True)
         if matches:
             self.strikes = (self.strikes + [self.n_queries])[-p.l_sp:]
             recent = [s for s in self.strikes if not p.window or s > self.n_queries - p.window]
@@ -304,14 +365,17 @@ class RobustClientState:
         self._mem[:, self._head] = v[self._fp.centre]
         self._head = (self._head + 1) % p.memory
         self._n = min(self._n + 1, p.memory)
+        if f is not None:
+            self._remember_feature(f)
         return FilterResult(True, matches, self.count, False)
 
     # -- persistence (same contract as ClientFilterState)
     def to_bytes(self) -> bytes:
         header = {"params": self.params.to_dict(), "count": self.count, "n_queries": self.n_queries,
                   "strikes": self.strikes, "shape": None if self._shape is None else list(self._shape),
-                  "len": self._n}
-        return seal(_MAGIC, header, np.ascontiguousarray(self.memory()).astype("<u8").tobytes())
+                  "len": self._n, "feat_len": self._nf, "feat_dim": 0 if self._feat is None else self._feat.shape[1]}
+        raw = np.ascontiguousarray(self.memory()).astype("<u8").tobytes()
+        return seal(_MAGIC, header, raw + np.ascontiguousarray(self.features()).astype("<f4").tobytes())
 
     @classmethod
     def from_bytes(cls, data: Any) -> "RobustClientState":
@@ -323,14 +387,25 @@ class RobustClientState:
                 raise ValueError("kind")
             st = cls(RobustParams(**pd_))
             n, count, nq, strikes, shape = h["len"], h["count"], h["n_queries"], h["strikes"], h["shape"]
+            nf, dim = h.get("feat_len", 0), h.get("feat_dim", 0)
             ok = (_is_int(n) and 0 <= n <= min(st.params.memory, nq) and _is_int(count)
+                  and _is_int(nf) and 0 <= nf <= min(st.params.feat_memory, nq) and _is_int(dim)
+                  and 0 <= dim <= 65536 and (nf == 0 or dim > 0)
                   and 0 <= count <= st.params.l_sp and _is_int(nq) and isinstance(strikes, list)
                   and all(_is_int(s) and 1 <= s <= nq for s in strikes)
                   and (shape is None or (isinstance(shape, list) and len(shape) == 3)))
         except (UnicodeDecodeError, ValueError, KeyError, TypeError):
             raise FilterInputError(f"{fail} (header)") from None
-        if not ok or len(raw) != 8 * n * st.params.words:
+        if not ok or len(raw) != 8 * n * st.params.words + 4 * nf * dim:
             raise FilterInputError(f"{fail} (counters or memory size out of range)")
+        if dim:
+            feats = np.frombuffer(raw, dtype="<f4", offset=8 * n * st.params.words).reshape(nf, dim)
+            if not np.isfinite(feats).all():
+                raise FilterInputError(f"{fail} (embeddings not finite)")
+            st._feat = np.zeros((st.params.feat_memory, dim), np.float32)
+            st._feat[:nf] = feats
+            st._nf, st._fhead = nf, nf % st.params.feat_memory
+        raw = raw[:8 * n * st.params.words]
         st.count, st.n_queries, st.strikes = count, nq, list(strikes)
         st._shape = None if shape is None else tuple(int(v) for v in shape)
         st._mem[:, :n] = np.frombuffer(raw, dtype="<u8").reshape(n, st.params.words).T
