@@ -602,3 +602,40 @@ def test_cross_client_window_in_serve_refuses_fresh_ids_without_blocking_them(se
         assert [serve_app.client(f"fan-{i}").predict(popular).status for i in range(8)] == [200] * 8
     finally:
         serve_app.deploy(original)
+
+
+def test_feature_rule_in_serve_blocks_the_evasive_attacker_the_fingerprint_lets_through(serve_app, serve_artifacts,
+                                                                                          tmp_path):
+    """``filter.kind=robust`` with the feature rule (``robust_filter.feat_k``): a stream of
+    one face disguised past the fingerprint (the adaptive attacker, who knows it) gets every
+    query answered by the fingerprint alone (library gate), and over HTTP the app refuses
+    it from the query at which the library detector with R_T's embedding blocks, exactly."""
+    from raymia.defenses.filter.robust import RobustParams
+    from raymia.filter_sim import redteam as R
+    from raymia.kinds import artifact_dir
+    from raymia.models import victim_embedding
+    from raymia.training import load_classifier
+    _, bundle = serve_artifacts
+    x, _ = faces(bundle)
+    original = serve_app.cfg
+    cfg = config_from_dict(original.to_dict())
+    cfg.filter.kind, cfg.robust_filter.feat_k, cfg.robust_filter.feat_sim = "robust", 4, 0.9
+    cfg.serve.state_path = str(tmp_path / "feature_state.sqlite")
+    fingerprint = RobustParams.from_config(cfg.robust_filter, feat_k=0)
+    queries, _, _ = R.adaptive_queries(x[18], fingerprint, 16, np.random.default_rng(2), candidates=8)
+    rt = load_classifier(artifact_dir(cfg, "target"))[0].eval()
+    embed = lambda a: victim_embedding(rt, torch.from_numpy(np.asarray(a, np.float32))).numpy()
+    stream = [("a", q, True) for q in queries]
+    assert R.run_stream(R.Gate(fingerprint), stream).answered_attack == 16
+    k = R.run_stream(R.Gate(RobustParams.from_config(cfg.robust_filter), embed=embed), stream).answered_attack
+    assert cfg.robust_filter.feat_k <= k < 16
+    try:
+        serve_app.deploy(cfg)
+        assert serve_app.admin("GET", "/admin/info").body["filter_params"]["feat_k"] == 4
+        c = serve_app.client("evasive")
+        assert [c.predict(q).status for q in queries] == [200] * k + [403] * (16 - k)
+        assert state(serve_app, "evasive")["blocked"]
+        alice = serve_app.client("alice-photos")             # distinct photos of several people pass
+        assert [alice.predict(img).status for img in x[0:30:3]] == [200] * 10
+    finally:
+        serve_app.deploy(original)
