@@ -57,19 +57,31 @@ def main():
     fill = rng.integers(0, 2 ** 63, (args.memory, rp.words), dtype=np.int64).astype(np.uint64)
     robust._mem[:] = fill.T                     # a full memory: 10 000 remembered fingerprints (column-major)
     robust._n, robust._shape = args.memory, faces[0].shape
+    # the feature rule on top (calibrated orl setting), its memory full of 512 unit embeddings
+    # of R_T's width; the embedding itself comes out of the model's forward pass (not timed here)
+    fp_ = RobustParams(memory=args.memory, l_sp=10 ** 9, feat_k=6, feat_sim=0.95)
+    dim = load_config("orl").target.embed_dim
+    featured = RobustClientState(fp_)
+    featured._mem[:], featured._n, featured._shape = fill.T, args.memory, faces[0].shape
+    for f in rng.normal(size=(fp_.feat_memory, dim)):
+        featured._remember_feature((f / np.linalg.norm(f)).astype(np.float32))
+    feats = rng.normal(size=(args.n, dim)).astype(np.float32)
     cross = CrossClientWindow(rp)
     for i in range(cross.size):
         cross.check(f"c{i % 500}", faces[i % len(faces)])
     variants = {"raha (Alg. 2, N_B = 10)": raha, f"robust ({args.memory} remembered)": robust,
+                f"robust + feature rule ({args.memory} fingerprints, {fp_.feat_memory} embeddings)": featured,
                 f"cross-client window ({cross.size})": cross}
     times = {k: [] for k in variants}
     for _ in range(args.reps):
         for name, st in variants.items():
             s = copy.deepcopy(st)
             t0 = time.perf_counter()
-            for q in queries:
+            for j, q in enumerate(queries):
                 if isinstance(s, CrossClientWindow):
                     s.check("bench", q)
+                elif getattr(s.params, "feat_k", 0):
+                    s.check(q, feature=feats[j])
                 else:
                     s.check(q)
             times[name].append((time.perf_counter() - t0) / len(queries))
