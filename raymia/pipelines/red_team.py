@@ -303,7 +303,7 @@ def run(cfg: Config, out: Optional[str] = None, address: Optional[str] = None, a
     rep = R.interleave(R.benign_sessions(rep_ids, popular_rep, rt.benign_sessions, rng, rt.p_popular, rt.p_heavy),
                        rng, "user")
     t0 = time.time()
-    base = RobustParams.from_config(cfg.robust_filter)
+    base = dataclasses.replace(RobustParams.from_config(cfg.robust_filter), feat_k=0)   # stage 3 sets the rule
     calib, robust = calibrate(cal, base, rt.t_bits_grid, rt.l_sp_grid, rt.window_grid, rt.fpr_target,
                               rt.l_near_grid)
     calib.to_csv(run_dir / "calibration.csv", index=False)
