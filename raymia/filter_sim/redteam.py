@@ -423,7 +423,8 @@ def false_positives(gate: Gate, stream: List[Tuple[str, np.ndarray]], feats: Opt
     ``feats``: the stream's embeddings when already computed (else the gate computes them
     if it needs them)."""
     refused: Dict[str, int] = {}
-    feats = gate.features([img for _, img in stream]) if feats is None and gate.needs_features else feats
+    if feats is None:
+        feats = gate.features([img for _, img in stream])
     for j, (cid, img) in enumerate(stream):
         if not gate.ask(cid, img, None if feats is None else feats[j]):
             refused[cid] = refused.get(cid, 0) + 1

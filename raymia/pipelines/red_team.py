@@ -85,13 +85,11 @@ def calibrate_features(cal_stream, chosen: RobustParams, feat_sim_grid, feat_k_g
     neighbours, then the lowest similarity).  Returns (rows, params or None when none fits)."""
     limit = max(fpr_target, R.false_positives(R.Gate(chosen), cal_stream)["fpr_blocked"])
     rows = []
-    feats = None
+    feats = R.Gate(dataclasses.replace(chosen, feat_k=1), embed=embed).features([img for _, img in cal_stream])
     for k in sorted(int(v) for v in feat_k_grid):
         for sim in sorted(float(v) for v in feat_sim_grid):
             p = dataclasses.replace(chosen, feat_k=k, feat_sim=sim)
-            gate = R.Gate(p, embed=embed)
-            feats = gate.features([img for _, img in cal_stream]) if feats is None else feats   # once for the grid
-            fp = R.false_positives(gate, cal_stream, feats)
+            fp = R.false_positives(R.Gate(p, embed=embed), cal_stream, feats)   # embeddings computed once
             rows.append({"stage": 3, "t_bits": p.t_bits, "l_sp": p.l_sp, "window": p.window, "l_near": p.l_near,
                          "feat_k": k, "feat_sim": sim, **fp})
     fits = [r for r in rows if r["fpr_blocked"] <= limit]
