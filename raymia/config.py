@@ -84,6 +84,9 @@ class ClassifierCfg:
     augment: bool = True
     dropout: float = 0.0
     stem: Literal["cifar", "imagenet"] = "cifar"   # faceresnet stem: cifar (3x3 s1) | imagenet (7x7 s2 + max-pool)
+    adv_eps: float = 0.0         # adversarial training (Madry et al.'s PGD, L2 ball in pixel units); 0 = off
+    adv_steps: int = 5           # PGD steps per batch
+    adv_step: float = 0.0        # PGD step length; 0 = 2.5 * adv_eps / adv_steps
 
 
 @dataclass
@@ -560,6 +563,8 @@ def validate(cfg: Config) -> None:
     for sec in ("target", "evaluator"):
         c: ClassifierCfg = getattr(cfg, sec)
         _check(c.epochs >= 1 and c.batch_size >= 1 and c.lr > 0, f"{sec}: epochs, batch_size and lr must be positive")
+        _check(c.adv_eps >= 0 and c.adv_steps >= 1 and c.adv_step >= 0,
+               f"{sec}: adv_eps and adv_step must be >= 0, adv_steps >= 1")
     for sec in ("gan", "attacker_gan"):
         g: GanCfg = getattr(cfg, sec)
         _check(g.latent_dim >= 1 and g.iters >= 1 and g.batch_size >= 2, f"{sec}: latent_dim, iters >= 1, batch_size >= 2")

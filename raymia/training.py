@@ -41,10 +41,32 @@ def augment_batch(x: torch.Tensor, hflip: bool) -> torch.Tensor:
     return diff_augment(x, "translation")
 
 
+def pgd_l2(model: Classifier, x: torch.Tensor, y: torch.Tensor, eps: float, steps: int,
+           step: float = 0.0) -> torch.Tensor:
+    """Madry et al.'s PGD in an L2 ball of radius ``eps`` around each image (pixels kept in
+    [0, 1]), maximising the training loss; returns the perturbed batch (detached).  The
+    model's mode is left as it was (BatchNorm uses its running statistics when in eval)."""
+    step = step or 2.5 * eps / steps
+    delta = torch.zeros_like(x)
+    for _ in range(steps):
+        delta.requires_grad_(True)
+        loss = F.cross_entropy(model.training_logits((x + delta).clamp(0, 1), y), y)
+        grad, = torch.autograd.grad(loss, delta)
+        with torch.no_grad():
+            g = grad.flatten(1)
+            delta = delta + step * (g / g.norm(dim=1, keepdim=True).clamp_min(1e-12)).view_as(x)
+            n = delta.flatten(1).norm(dim=1).clamp_min(1e-12)
+            delta = delta * (eps / n).clamp(max=1.0).view(-1, *[1] * (x.dim() - 1))
+            delta = (x + delta).clamp(0, 1) - x
+    return (x + delta).detach()
+
+
 def train_classifier(c: ClassifierCfg, train: Split, test: Optional[Split], n_classes: int, device,
                      seed: int, progress: Optional[ProgressFn] = None, hflip: bool = True,
                      extra_loss: Optional[Callable[[Classifier], torch.Tensor]] = None) -> tuple[Classifier, dict]:
-    """Train a classifier with CE or CosFace (margin logits), Adam + cosine LR decay.
+    """Train a classifier with CE or CosFace (margin logits), Adam + cosine LR decay;
+    with ``c.adv_eps`` > 0 on PGD examples (:func:`pgd_l2`, computed in eval mode) instead
+    of the clean batch (adversarial training: its input gradients are perceptually aligned).
 
     ``extra_loss(model)`` is added to each step's loss (the calibrated dummy model uses it).
     """
@@ -68,6 +90,10 @@ def train_classifier(c: ClassifierCfg, train: Split, test: Optional[Split], n_cl
             xb, yb = x_all[idx], y_all[idx]
             if c.augment:
                 xb = augment_batch(xb, hflip)
+            if c.adv_eps > 0:
+                model.eval()
+                xb = pgd_l2(model, xb, yb, c.adv_eps, c.adv_steps, c.adv_step)
+                model.train()
             loss = F.cross_entropy(model.training_logits(xb, yb), yb)
             if extra_loss is not None:
                 loss = loss + extra_loss(model)

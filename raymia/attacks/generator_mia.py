@@ -37,6 +37,7 @@ class MIAResult:
     target_conf: torch.Tensor  # (R,) R'(F(xi))[target]
     seconds: float
     target_rank: Optional[torch.Tensor] = None   # (R,) rank of the target in R'(F(xi)) (1 = top-1)
+    aug_conf: Optional[torch.Tensor] = None      # (R,) target confidence under augmentation (whitebox_mia)
 
 
 @dataclass(frozen=True)
