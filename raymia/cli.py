@@ -102,3 +102,11 @@ def red_team(argv=None):
     p.add_argument("--no-attacks", action="store_true", help="skip the black-box and label-only attacks (no models needed)")
     args = p.parse_args(argv)
     return pipeline.run(config_from_args(args), args.out, args.address, attacks=not args.no_attacks)
+
+
+@_entry
+def whitebox_panel(argv=None):
+    """White-box attack panel: priors, regularisers, augmentation and victims, judged by R_E and the independent judges."""
+    from .pipelines import whitebox_panel as pipeline
+    args = parser(whitebox_panel.__doc__, "<out_root>/<run.name>/whitebox_panel").parse_args(argv)
+    return pipeline.run(config_from_args(args), args.out, args.address)

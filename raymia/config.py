@@ -175,6 +175,50 @@ class AttackCfg:
 
 
 @dataclass
+class WhiteBoxCfg:
+    """The white-box attack panel (``make whitebox-panel``, :mod:`raymia.pipelines.whitebox_panel`):
+    the attack's options (:class:`raymia.attacks.whitebox.WhiteBoxOpts`), its prior, and the
+    panel of attempts, each a name and the overrides that make it (any config key: a victim
+    trained otherwise is ``target.*``)."""
+    prior: Literal["gan", "linear", "mixed", "pixel"] = "gan"   # gan: attacker's F; linear: eigenfaces of the aux set
+    components: int = 100         # linear / mixed: eigenface components
+    mixed_weight: float = 0.5     # mixed: weight of the linear residual
+    iters: int = 300
+    lr: float = 0.05
+    bound: float = 3.0
+    tv_weight: float = 0.0
+    norm_weight: float = 0.0
+    aug_samples: int = 0
+    aug_shift: float = 2.0
+    aug_flip: bool = True
+    aug_noise: float = 0.02
+    select_samples: int = 16
+    restarts: int = 3             # per target and draw
+    targets: list = field(default_factory=list)   # empty = every identity R_E knows
+    project_iters: int = 300      # ceiling: Adam steps projecting the targets' photos into each prior
+    panel: dict = field(default_factory=lambda: {
+        "F (the alpha sweep's attack)": [],
+        "F, 1500 iterations": ["whitebox.iters=1500"],
+        "F + total variation + latent norm": ["whitebox.tv_weight=0.3", "whitebox.norm_weight=0.1"],
+        "F + augmentation in the loss (4)": ["whitebox.aug_samples=4"],
+        "pixels + total variation": ["whitebox.prior=pixel", "whitebox.tv_weight=0.3"],
+        "eigenfaces 50": ["whitebox.prior=linear", "whitebox.components=50"],
+        "eigenfaces 100": ["whitebox.prior=linear"],
+        "eigenfaces 200": ["whitebox.prior=linear", "whitebox.components=200"],
+        "eigenfaces 100 + TV + augmentation (4)": ["whitebox.prior=linear", "whitebox.tv_weight=0.3",
+                                                    "whitebox.aug_samples=4"],
+        "F + eigenface residual": ["whitebox.prior=mixed"],
+        "victim with margin 0.4: F": ["target.cos_m=0.4"],
+        "victim with margin 0.4: eigenfaces 100": ["target.cos_m=0.4", "whitebox.prior=linear"],
+        "adversarially trained victim (L2 0.5): F": ["target.adv_eps=0.5"],
+        "adversarially trained victim (L2 0.5): eigenfaces 100": ["target.adv_eps=0.5", "whitebox.prior=linear"],
+        "adversarially trained victim (L2 1): F": ["target.adv_eps=1.0"],
+        "adversarially trained victim (L2 1): eigenfaces 100": ["target.adv_eps=1.0", "whitebox.prior=linear"],
+    })
+    report_draw: bool = True      # the best attempt on the selection draw is run again on fresh restarts
+
+
+@dataclass
 class QueryAttackCfg:
     """Query-based attacks through an oracle (raymia/attacks/blackbox.py, label_only.py)."""
     budget: int = 2000           # black-box (NES): queries per row
@@ -403,6 +447,7 @@ class Config:
     search: SearchCfg = field(default_factory=SearchCfg)
     attack: AttackCfg = field(default_factory=AttackCfg)
     query_attack: QueryAttackCfg = field(default_factory=QueryAttackCfg)
+    whitebox: WhiteBoxCfg = field(default_factory=WhiteBoxCfg)
     sweep: SweepCfg = field(default_factory=SweepCfg)
     judge: JudgeCfg = field(default_factory=JudgeCfg)
     study: StudyCfg = field(default_factory=StudyCfg)
@@ -587,6 +632,14 @@ def validate(cfg: Config) -> None:
     cb = cfg.combine
     _check(0.0 < cb.gate_tau < 1.0 and cb.gate_temp > 0, "combine.gate_tau must lie in (0, 1) and combine.gate_temp be > 0")
     _check(cfg.attack.restarts >= 1 and cfg.attack.iters >= 1, "attack.restarts and attack.iters must be >= 1")
+    wb = cfg.whitebox
+    _check(wb.components >= 1 and wb.iters >= 1 and wb.lr > 0 and wb.bound > 0 and wb.restarts >= 1
+           and wb.project_iters >= 1, "whitebox: components, iters, restarts, project_iters >= 1; lr, bound > 0")
+    _check(min(wb.tv_weight, wb.norm_weight, wb.aug_samples, wb.aug_shift, wb.aug_noise) >= 0
+           and wb.select_samples >= 1, "whitebox: weights, aug_samples, aug_shift, aug_noise >= 0; select_samples >= 1")
+    _check(isinstance(wb.panel, dict) and all(isinstance(v, list) and all(isinstance(o, str) and "=" in o for o in v)
+                                              for v in wb.panel.values()),
+           "whitebox.panel must map attempt names to lists of key=value overrides")
     qa = cfg.query_attack
     _check(qa.budget >= 0 and qa.label_budget >= 0 and qa.nes_pairs >= 1 and qa.nes_sigma > 0 and qa.top_k >= 0
            and qa.label_points >= 1 and qa.label_r0 > 0 and qa.label_growth > 1 and qa.label_step > 0,

@@ -8,6 +8,7 @@
   coefficient within three standard deviations.
 * :class:`MixedPrior`: F(z) plus a linear residual from such a basis (latent = [z, c]), so
   the search can leave F's range along the directions in which faces vary.
+* :class:`PixelPrior`: the pixels themselves (no prior).
 * :func:`project`: the latent that renders an image closest in pixels (MSE), to measure how
   well a prior can express a given face at all (the attack's ceiling).
 """
@@ -64,21 +65,50 @@ class MixedPrior(nn.Module):
         return (base + self.weight * res).clamp(0, 1)
 
 
+class PixelPrior(nn.Module):
+    """The image itself (Fredrikson et al.'s search space): pixel = 0.5 + latent / (2 bound),
+    so the latent box [-bound, bound] is the pixel box [0, 1]."""
+
+    def __init__(self, shape: tuple, bound: float = 3.0):
+        super().__init__()
+        self.shape, self.bound = tuple(shape), float(bound)
+        self.latent_dim = int(torch.tensor(shape).prod())
+        self.register_buffer("_device", torch.zeros(0))
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return (0.5 + z / (2 * self.bound)).clamp(0, 1).view(z.shape[0], *self.shape)
+
+
 def project(prior: nn.Module, images: torch.Tensor, iters: int = 300, lr: float = 0.05, bound: float = 3.0,
             seed: int = 0, restarts: int = 4) -> torch.Tensor:
     """Latents (one per image) minimising the pixel MSE between ``prior(latent)`` and the
     image, Adam from ``restarts`` N(0, I) starts (the best kept), latent clamped to the bound;
-    a :class:`LinearPrior` starts from its least-squares coefficients instead."""
+    a :class:`LinearPrior` or :class:`PixelPrior` starts from its closed-form latent instead
+    (kept unless Adam lowers the error)."""
     device = next(iter(prior.buffers()), torch.empty(0)).device
     target = images.float().to(device)
     n = target.shape[0]
     g = torch.Generator().manual_seed(seed)
     if isinstance(prior, LinearPrior):
         starts = [prior.encode(target).clamp(-bound, bound)]
+    elif isinstance(prior, PixelPrior):
+        starts = [((target.flatten(1) - 0.5) * 2 * prior.bound).clamp(-bound, bound)]
     else:
         starts = [torch.randn(n, prior.latent_dim, generator=g).clamp(-bound, bound).to(device) for _ in range(restarts)]
     best, best_err = None, None
+
+    def keep(z: torch.Tensor) -> None:
+        nonlocal best, best_err
+        with torch.no_grad():
+            err = (prior(z) - target).pow(2).flatten(1).mean(1)
+            if best is None:
+                best, best_err = z.detach().clone(), err
+            else:
+                better = err < best_err
+                best[better], best_err = z.detach()[better], torch.minimum(err, best_err)
+
     for z0 in starts:
+        keep(z0)                        # a closed-form start is kept unless Adam improves on it
         z = z0.clone().requires_grad_(True)
         opt = torch.optim.Adam([z], lr=lr)
         for _ in range(iters):
@@ -88,13 +118,7 @@ def project(prior: nn.Module, images: torch.Tensor, iters: int = 300, lr: float 
             opt.step()
             with torch.no_grad():
                 z.clamp_(-bound, bound)
-        with torch.no_grad():
-            err = (prior(z) - target).pow(2).flatten(1).mean(1)
-            if best is None:
-                best, best_err = z.detach().clone(), err
-            else:
-                better = err < best_err
-                best[better], best_err = z.detach()[better], torch.minimum(err, best_err)
+        keep(z)
     return best
 
 
@@ -102,6 +126,8 @@ def prior_summary(prior: nn.Module) -> Optional[dict]:
     """What a run records about its prior."""
     if isinstance(prior, LinearPrior):
         return {"kind": "linear", "components": prior.latent_dim}
+    if isinstance(prior, PixelPrior):
+        return {"kind": "pixel", "latent_dim": prior.latent_dim}
     if isinstance(prior, MixedPrior):
         return {"kind": "mixed", "components": prior.linear.latent_dim, "weight": prior.weight}
     return {"kind": "generator", "latent_dim": int(getattr(prior, "latent_dim", 0))}
