@@ -138,3 +138,7 @@ def test_whitebox_panel_pipeline_on_smoke(wmodels, smoke_runs, tmp_path):
     assert list(c.prior) == ["gan", "linear"] and (c.images == own).all()
     with pytest.raises(ConfigError, match="whitebox.panel"):
         load_config("smoke", ['whitebox.panel={"a": ["no equals sign"]}'])
+    with pytest.raises(ConfigError, match="whitebox: components"):      # an attempt is checked as a whole
+        wp.attempt_config(cfg, ["whitebox.iters=0"])
+    with pytest.raises(ConfigError, match="unknown config key"):
+        wp.attempt_config(cfg, ["whitebox.bogus=1"])

@@ -16,7 +16,7 @@ import pandas as pd
 import torch
 
 from ..artifacts import write_run_record
-from ..config import Config, apply_override, parse_override
+from ..config import Config, ConfigError, apply_override, parse_override, validate
 from ..evaluation import bootstrap_ci, paired_bootstrap_diff
 from ..runtime import out_dir, pick_device, seed_everything
 
@@ -32,10 +32,12 @@ def say(msg: str) -> None:
 
 
 def attempt_config(cfg: Config, overrides: list) -> Config:
+    """``cfg`` with one attempt's overrides, checked as a whole (a ConfigError names the key)."""
     acfg = copy.deepcopy(cfg)
     for item in overrides:
         key, value = parse_override(item)
         apply_override(acfg, key, value)
+    validate(acfg)
     return acfg
 
 
@@ -178,7 +180,6 @@ def run(cfg: Config, out: Optional[str] = None, address: Optional[str] = None) -
     device = pick_device(cfg.run.device)
     panel = list(cfg.whitebox.panel.items())
     if not panel:
-        from ..config import ConfigError
         raise ConfigError("whitebox.panel is empty: nothing to attack with")
     configs = [(name, attempt_config(cfg, ov)) for name, ov in panel]
     ensure_artifacts(cfg, BASE_KINDS, address, "whitebox_panel")
