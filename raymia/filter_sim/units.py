@@ -138,9 +138,14 @@ class Unit:
 _NOT_IN_KEY = ("noise_grid", "sybil_k", "actors", "user_protocol", "judge_at_stop")
 
 
-#: ``data`` fields added after the key was introduced: left out at their default, so that
-#: the keys of earlier runs stay the same (a non-default value changes the key)
-_LATER_DEFAULTS = {"fold": 0}
+#: fields of ``data`` and of the model sections (``target``, ``evaluator``) added after the
+#: key was introduced: left out at their default, so that the keys of earlier runs stay the
+#: same (a non-default value changes the key)
+_LATER_DEFAULTS = {"fold": 0, "adv_eps": 0.0, "adv_steps": 5, "adv_step": 0.0}
+
+
+def _without_later_defaults(section: dict) -> dict:
+    return {k: v for k, v in section.items() if not (k in _LATER_DEFAULTS and v == _LATER_DEFAULTS[k])}
 
 
 def setting_key(cfg: Config) -> str:
@@ -151,14 +156,14 @@ def setting_key(cfg: Config) -> str:
     section before it was split into ``filter`` / ``filter_sim`` / ``filter_sweep``
     (hash_size, data_range, the simulation settings and ablation_data_range), so the
     keys -- and every unit id and result file under ``OUT/units/`` -- stay those of
-    earlier runs with the same settings.  Fields added to ``data`` later
-    (:data:`_LATER_DEFAULTS`) enter only when they differ from their defaults."""
+    earlier runs with the same settings.  Fields added to ``data`` or to the model
+    sections later (:data:`_LATER_DEFAULTS`) enter only when they differ from their defaults."""
     d = cfg.to_dict()
-    data = {k: v for k, v in d["data"].items() if not (k in _LATER_DEFAULTS and v == _LATER_DEFAULTS[k])}
     f = {"hash_size": d["filter"]["hash_size"], "data_range": d["filter"]["data_range"],
          **{k: v for k, v in d["filter_sim"].items() if k not in _NOT_IN_KEY},
          "ablation_data_range": d["filter_sweep"]["ablation_data_range"]}
-    payload = {"data": data, "target": d["target"], "evaluator": d["evaluator"], "seed": cfg.run.seed,
+    payload = {"data": _without_later_defaults(d["data"]), "target": _without_later_defaults(d["target"]),
+               "evaluator": _without_later_defaults(d["evaluator"]), "seed": cfg.run.seed,
                "lr": cfg.attack.fredrikson_lr, "filter": f}
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:12]
 
