@@ -304,6 +304,7 @@ class ServeCfg:
     max_ongoing_requests: int = 64 # per replica
     shard_timeout_s: float = 10.0  # deadline of one filter-shard call (retries included); past it: 503, fail closed
     health_interval_s: float = 2.0 # /healthz answers from shard health refreshed at most this often
+    warmup_s: float = 60.0         # a replica waits at most this long at start-up for its filter actors to answer (0 = not at all)
     cache_clients: int = 5000      # in-memory client states per shard (LRU); the file keeps every client
     cache_mb: float = 512.0        # ... and at most this many MiB of them per shard
     client_ttl_s: float = 2592000.0   # unblocked clients inactive this long are purged (0 = never); blocked: never
@@ -661,6 +662,7 @@ def _validate_serve(s: "ServeCfg") -> None:
     _check(s.max_ongoing_requests >= 1, "serve.max_ongoing_requests must be >= 1")
     _check(s.admin_token_env.isidentifier(), f"serve.admin_token_env must be an environment variable name, "
            f"got {s.admin_token_env!r}")
+    _check(s.warmup_s >= 0, "serve.warmup_s must be >= 0 (0 = no start-up wait)")
     _check(s.shard_timeout_s > 0 and s.health_interval_s > 0, "serve.shard_timeout_s and serve.health_interval_s "
            "must be > 0")
     _check(s.cache_clients >= 1 and s.cache_mb > 0 and s.client_ttl_s >= 0,

@@ -115,6 +115,16 @@ class RaymiaModel:
         cross = filter_params and filter_params.get("kind") == "robust" and rf.cross_client
         self.cross = CrossRouter(self.plan.state_path, filter_params, rf.cross_window, rf.cross_k,
                                  s.shard_timeout_s) if cross else None
+        # a fresh app's filter actors start a worker and read the store before they answer:
+        # wait for them here, so that the app is ready only when its filter is (requests that
+        # still find one silent fail closed, 503, as always)
+        self.cold = [f"shard {i}" for i in (self.shards.warm_up(s.warmup_s) if isinstance(self.shards, ShardRouter)
+                                            else [])]
+        if self.cross is not None and self.cross.warm_up(s.warmup_s):
+            self.cold.append("cross-client index")
+        if self.cold:
+            log.warning("raymia: %s did not answer within serve.warmup_s = %g s at start-up; their requests fail "
+                        "closed (503) until they do", ", ".join(self.cold), s.warmup_s)
         self.metrics = Metrics()
         self.forwarded = 0          # images through the model
         self.infer.set_max_batch_size(s.batch_size)
@@ -309,7 +319,8 @@ class RaymiaModel:
                 "batch_size": self.cfg.serve.batch_size, "batch_wait_ms": self.cfg.serve.batch_wait_ms,
                 "api_keys": self.api_keys is not None,
                 "replica": {"forwarded": self.forwarded, "outcomes": dict(self.metrics.counts),
-                            "blocked_cached_ids": len(self.shards.blocked_ids) if self.shards else 0},
+                            "blocked_cached_ids": len(self.shards.blocked_ids) if self.shards else 0,
+                            "cold_at_start": self.cold},
                 "health": health}
 
     def _need_filter(self):

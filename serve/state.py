@@ -147,6 +147,25 @@ class ShardUnavailable(RuntimeError):
     pass
 
 
+def warm_up(handles: list, timeout_s: float, method: str = "ping") -> list:
+    """Indices of ``handles`` whose ``method`` (no arguments) did not return within ``timeout_s`` (all of
+    them together), or raised."""
+    if timeout_s <= 0:
+        return []
+    refs = [getattr(h, method).remote() for h in handles]
+    ready, _ = ray.wait(refs, num_returns=len(refs), timeout=timeout_s)
+    bad = []
+    for i, ref in enumerate(refs):
+        if ref not in ready:
+            bad.append(i)
+            continue
+        try:
+            ray.get(ref)
+        except Exception:
+            bad.append(i)
+    return bad
+
+
 class _Router:
     """What a replica keeps whichever way it reaches the store: the batching of checks per
     shard, the set of blocked ids, the refused queries still to count, the cached health.
@@ -309,6 +328,13 @@ class ShardRouter(_Router):
         return FilterShard.options(name=self.names[i], namespace=NAMESPACE, get_if_exists=True, **pin).remote(
             self.state_path, self.params, i, self.n, self.store_opts)
 
+    def warm_up(self, timeout_s: float) -> list:
+        """Wait (blocking, at most ``timeout_s``) until every shard actor answers a ping: a
+        fresh actor starts a worker and reads its store first, which can take longer than
+        one request's deadline.  Returns the shards that did not answer (empty: all did);
+        those are left to the request path, which fails closed as always."""
+        return warm_up(self.handles, timeout_s)
+
     async def call_shard(self, i: int, method: str, *args, timeout_s: Optional[float] = None) -> Any:
         """One call with a deadline (retries on a dead actor included); past it, or after
         the retries, :class:`ShardUnavailable` (the request fails closed: 503)."""
@@ -382,6 +408,10 @@ class CrossRouter:
         self.name = "cross-" + hashlib.sha256(key.encode()).hexdigest()[:12]
         self.args, self.timeout_s = (params, size, k), float(timeout_s)
         self.handle = self._resolve()
+
+    def warm_up(self, timeout_s: float) -> list:
+        """As :meth:`ShardRouter.warm_up` for the index actor ([0] if it did not answer)."""
+        return warm_up([self.handle], timeout_s, "stats")
 
     def _resolve(self):
         return CrossClientIndex.options(name=self.name, namespace=NAMESPACE, get_if_exists=True).remote(*self.args)
