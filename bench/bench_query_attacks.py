@@ -7,7 +7,10 @@ same models, same rows, one run on this machine:
   attacker's generator F and answers them with ONE forward of the released model R'
   (in-process oracle, one α per row);
 * one at a time: the same attack with ``chunk=1`` (one image per F forward and per oracle
-  call; the trajectory is the same).
+  call; the trajectory is the same);
+* batched in pieces (``--chunked N``, default 64; 0 = not measured): the same with
+  ``chunk=N`` -- the iteration's queries in forwards of at most N images, which on a CPU
+  can beat one forward of all of them (the activations of N images stay in cache).
 
 Models are the ``orl`` preset's networks (R_T, R_dmy: faceresnet width 32, 20 classes;
 F: DCGAN latent 64, ngf 32; 32x32 gray) with random weights: throughput does not depend
@@ -20,7 +23,7 @@ alone (``serve.model=target``): trains the smoke artifacts it needs under ``--ou
 starts a local Ray + Serve, and reports per row how many queries were answered before a
 403 (or that none came), then R_E's and the judges' verdict on the reconstructions.
 
-    python bench/bench_query_attacks.py                       # throughput (~2 min on 2 busy cores)
+    python bench/bench_query_attacks.py                       # throughput (~1 min on 2 quiet cores)
     python bench/bench_query_attacks.py --serve-filter        # label-only vs the filter over HTTP
 """
 from __future__ import annotations
@@ -65,6 +68,8 @@ def throughput(args) -> dict:
     q = cfg.query_attack
     per_iter = 2 * q.nes_pairs
     res = {"batched": [], "one_at_a_time": []}
+    if args.chunked:
+        res[f"chunks_of_{args.chunked}"] = []
 
     def run(chunk: int, iters: int) -> float:
         o = InProcessOracle(model, rows, n, alphas=alphas)
@@ -80,16 +85,20 @@ def throughput(args) -> dict:
     for _ in range(args.rounds):
         res["batched"].append(run(0, args.batched_iters))
         res["one_at_a_time"].append(run(1, args.serial_iters))
-        print(f"round: batched {res['batched'][-1]:.0f} q/s, one at a time {res['one_at_a_time'][-1]:.0f} q/s",
-              flush=True)
+        if args.chunked:
+            res[f"chunks_of_{args.chunked}"].append(run(args.chunked, args.batched_iters))
+        print("round: " + ", ".join(f"{k} {v[-1]:.0f} q/s" for k, v in res.items()), flush=True)
     best = {k: max(v) for k, v in res.items()}
     med = {k: float(np.median(v)) for k, v in res.items()}
+    chunked = {f"speedup_chunks_of_{args.chunked}_best": best[f"chunks_of_{args.chunked}"] / best["one_at_a_time"],
+               f"speedup_chunks_of_{args.chunked}_median": med[f"chunks_of_{args.chunked}"] / med["one_at_a_time"]
+               } if args.chunked else {}
     return {"preset": args.preset, "rows": rows, "pairs": q.nes_pairs, "queries_per_iter_per_row": per_iter,
             "batched_iters": args.batched_iters, "serial_iters": args.serial_iters,
             "images_per_forward_batched": rows * per_iter, "rounds": args.rounds, "threads": args.threads,
             "qps_best": best, "qps_median": med, "qps_all": res,
             "speedup_best": best["batched"] / best["one_at_a_time"],
-            "speedup_median": med["batched"] / med["one_at_a_time"],
+            "speedup_median": med["batched"] / med["one_at_a_time"], **chunked,
             "torch": torch.__version__, "machine": f"{platform.machine()}, {os.cpu_count()} cores",
             "load_before": os.getloadavg()[0], "date": time.strftime("%Y-%m-%d")}
 
@@ -170,12 +179,15 @@ def main(argv=None) -> int:
     p.add_argument("--serial-iters", type=int, default=1)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--chunked", type=int, default=64, help="also measure forwards of at most this many images (0 = no)")
     p.add_argument("--serve-filter", action="store_true", help="label-only attack over HTTP vs the smoke app's filter")
     p.add_argument("--out-root", default="runs/bench/query_serve", help="--serve-filter: results root for the smoke artifacts")
     p.add_argument("--restarts", type=int, default=2, help="--serve-filter: rows per target")
     p.add_argument("--budget", type=int, default=0, help="--serve-filter: queries per row (0 = query_attack.label_budget)")
     p.add_argument("--out", default="runs/bench", help="folder of the JSON result")
     args = p.parse_args(argv)
+    if args.chunked < 0 or args.chunked == 1 or args.rounds < 1 or args.threads < 1:
+        p.error("--chunked must be 0 or >= 2, --rounds and --threads >= 1")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     if args.serve_filter:

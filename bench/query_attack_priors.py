@@ -76,7 +76,7 @@ def main(argv=None) -> int:
             o = InProcessOracle(rt, len(targets), bundle.n_private, labels_only=(att == "label"), device=dev)
             if att == "nes":
                 res = blackbox_mia(o, G, targets, seeds, budget=qa.budget, pairs=qa.nes_pairs, sigma=qa.nes_sigma,
-                                   lr=qa.nes_lr, bound=bound, device=dev)
+                                   lr=qa.nes_lr, bound=bound, device=dev, chunk=qa.forward_batch)
             else:
                 res = label_only_mia(o, G, targets, seeds, budget=qa.label_budget, points=qa.label_points,
                                      r0=qa.label_r0, growth=qa.label_growth, r_max=qa.label_r_max,

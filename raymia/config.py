@@ -234,6 +234,10 @@ class QueryAttackCfg:
     label_step: float = 0.5      # step (fraction of the radius) away from the points not labelled the target
     label_init_batch: int = 64   # prior draws per round while looking for a start labelled the target
     label_init_budget: int = 2000  # most queries spent looking for that start
+    # in-process black-box attacks: an iteration's queries in forwards of at most this many images
+    # (0 = all in one forward); on the 2-core CPU pieces of 64 ran 3.7x faster than one forward of
+    # 800 (docs/benchmarks.md, "Query attacks"); same queries, order and counts
+    forward_batch: int = 64
 
 
 @dataclass
@@ -643,9 +647,10 @@ def validate(cfg: Config) -> None:
            "whitebox.panel must map attempt names to lists of key=value overrides")
     qa = cfg.query_attack
     _check(qa.budget >= 0 and qa.label_budget >= 0 and qa.nes_pairs >= 1 and qa.nes_sigma > 0 and qa.top_k >= 0
-           and qa.label_points >= 1 and qa.label_r0 > 0 and qa.label_growth > 1 and qa.label_step > 0,
-           "query_attack: budgets and top_k >= 0, nes_pairs and label_points >= 1, nes_sigma, label_r0 and "
-           "label_step > 0, label_growth > 1")
+           and qa.label_points >= 1 and qa.label_r0 > 0 and qa.label_growth > 1 and qa.label_step > 0
+           and qa.forward_batch >= 0,
+           "query_attack: budgets, top_k and forward_batch >= 0, nes_pairs and label_points >= 1, nes_sigma, "
+           "label_r0 and label_step > 0, label_growth > 1")
     alpha_grid(cfg.sweep)  # raises on a bad grid
     _validate_serve(cfg.serve)
     _validate_filter(cfg)

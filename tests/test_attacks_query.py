@@ -146,6 +146,11 @@ def test_blackbox_batched_rows_equal_separate_runs(qmodels):
     o = InProcessOracle(m["combined"], 4, m["bundle"].n_private, alphas=alphas)
     batched = blackbox_mia(o, m["F"], targets, seeds, **{**kw, "budget": [48, 48, 48, 48]})
     torch.testing.assert_close(serial.latents, batched.latents, atol=2e-3, rtol=0)
+    # ... and in pieces that split rows across oracle calls (query_attack.forward_batch)
+    o = InProcessOracle(m["combined"], 4, m["bundle"].n_private, alphas=alphas)
+    pieces = blackbox_mia(o, m["F"], targets, seeds, **{**kw, "budget": [48, 48, 48, 48]}, chunk=5)
+    assert pieces.queries.tolist() == batched.queries.tolist() and o.calls == 3 * 13   # 3 iterations of 64 queries
+    torch.testing.assert_close(pieces.latents, batched.latents, atol=2e-3, rtol=0)
 
 
 def test_target_scores_reads_top_k_answers():
