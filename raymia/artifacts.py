@@ -133,7 +133,28 @@ def versions() -> dict:
         except metadata.PackageNotFoundError:
             out[p] = None
     out["cuda"] = torch.version.cuda if torch.cuda.is_available() else None
+    out["machine"] = machine()
     return out
+
+
+def machine() -> dict:
+    """What the numbers' float arithmetic ran on: trained weights (a GAN's above all) are not
+    bit-identical across CPUs whose kernels differ (torch picks its kernels by the CPU's
+    vector extensions), so a record names the CPU and the capability torch used."""
+    cpu = platform.processor() or None
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    try:
+        cap = torch.backends.cpu.get_cpu_capability()
+    except (AttributeError, RuntimeError):
+        cap = None
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    return {"arch": platform.machine(), "cpu": cpu, "cpus": os.cpu_count(), "torch_cpu_capability": cap, "gpu": gpu}
 
 
 def git_commit(cwd: Optional[Path] = None) -> Optional[str]:

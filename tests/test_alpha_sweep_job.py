@@ -44,7 +44,7 @@ def test_outputs_are_complete(smoke_sweep):
     rec = json.loads((out / "recommendation.json").read_text())
     assert set(rec["variants"]) == {"paper", "calibrated"} and rec["paper"]["rt_accuracy"] == 0.958
     run = json.loads((out / "run.json").read_text())
-    assert run["seed"] == cfg.run.seed and run["versions"]["torch"]
+    assert run["seed"] == cfg.run.seed and run["versions"]["torch"] and run["versions"]["machine"]["arch"]
 
 
 def test_attack_beats_chance_on_the_undefended_model(smoke_sweep):
