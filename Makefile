@@ -7,7 +7,7 @@ export RAY_USAGE_STATS_ENABLED := 0
 export RAY_AUTH_MODE := disabled
 export PYTHONUNBUFFERED := 1
 
-.PHONY: install demo train serve search filter study red-team whitebox-panel test test-unit test-integration bench clean
+.PHONY: install demo train serve search filter study red-team whitebox-panel threat-panel test test-unit test-integration bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -41,6 +41,10 @@ red-team: install
 
 whitebox-panel: install
 	$(PY) jobs/whitebox_panel.py $(ARGS)
+
+# the query attacks vs query budget: undefended, dummy defense at its deployed alpha, filters, both (needs `make demo`)
+threat-panel: install
+	$(PY) jobs/threat_panel.py $(ARGS)
 
 # speed benchmarks whose numbers are in docs/benchmarks.md (bench/bench_serve.py needs `make demo` first)
 bench: install

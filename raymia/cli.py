@@ -105,6 +105,14 @@ def red_team(argv=None):
 
 
 @_entry
+def threat_panel(argv=None):
+    """Threat panel: the query attacks' success against query budget, undefended, behind the dummy defense, the filters and both."""
+    from .pipelines import threat_panel as pipeline
+    args = parser(threat_panel.__doc__, "<out_root>/<run.name>/threat_panel").parse_args(argv)
+    return pipeline.run(config_from_args(args), args.out, args.address)
+
+
+@_entry
 def whitebox_panel(argv=None):
     """White-box attack panel: priors, regularisers, augmentation and victims, judged by R_E and the independent judges."""
     from .pipelines import whitebox_panel as pipeline

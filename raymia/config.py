@@ -368,6 +368,22 @@ class RobustFilterCfg:
 
 
 @dataclass
+class ThreatPanelCfg:
+    """The threat panel (``make threat-panel``, :mod:`raymia.pipelines.threat_panel`): the query
+    attacks' success against their query budget for each deployment setting, paired (same rows,
+    seeds and targets in every setting).  A setting is ``none`` (R_T alone), ``dummy`` (the
+    released R' at its deployed α, as Serve resolves it), ``raha<k>`` (Algorithm 2 at Table 1's
+    configuration k, L_sp = ``filter.l_sp``), ``robust`` (``robust_filter``), or ``dummy+`` one
+    of the filters; filters see every row as its own client."""
+    budgets: list = field(default_factory=lambda: [250, 500, 1000, 2000])   # queries per row
+    restarts: int = 1             # rows per known target
+    attacks: list = field(default_factory=lambda: ["nes", "label"])
+    settings: list = field(default_factory=lambda: ["none", "dummy", "raha1", "raha2", "raha3", "robust",
+                                                    "dummy+raha3", "dummy+robust"])
+    seed: int = 20_000            # row seed = seed + 1000 run.seed + 10 target + restart
+
+
+@dataclass
 class RedTeamCfg:
     """The red team of the filters (raymia.filter_sim.redteam, raymia.pipelines.red_team)."""
     attack_queries: int = 60      # attack queries per near-duplicate strategy
@@ -461,6 +477,7 @@ class Config:
     filter: FilterCfg = field(default_factory=FilterCfg)
     robust_filter: RobustFilterCfg = field(default_factory=RobustFilterCfg)
     red_team: RedTeamCfg = field(default_factory=RedTeamCfg)
+    threat_panel: ThreatPanelCfg = field(default_factory=ThreatPanelCfg)
     filter_sim: FilterSimCfg = field(default_factory=FilterSimCfg)
     filter_sweep: FilterSweepCfg = field(default_factory=FilterSweepCfg)
 
@@ -651,9 +668,23 @@ def validate(cfg: Config) -> None:
            and qa.forward_batch >= 0,
            "query_attack: budgets, top_k and forward_batch >= 0, nes_pairs and label_points >= 1, nes_sigma, "
            "label_r0 and label_step > 0, label_growth > 1")
+    tp = cfg.threat_panel
+    _check(isinstance(tp.budgets, list) and tp.budgets and all(isinstance(b, int) and b >= 2 for b in tp.budgets)
+           and tp.restarts >= 1 and tp.attacks and set(tp.attacks) <= {"nes", "label"} and tp.settings
+           and all(threat_setting_ok(x) for x in tp.settings),
+           "threat_panel: budgets a non-empty list of integers >= 2, restarts >= 1, attacks from {nes, label}, "
+           "settings from none, dummy, raha1..raha3, robust, or dummy+<filter>")
     alpha_grid(cfg.sweep)  # raises on a bad grid
     _validate_serve(cfg.serve)
     _validate_filter(cfg)
+
+
+def threat_setting_ok(name) -> bool:
+    """A threat-panel setting name (:class:`ThreatPanelCfg`)."""
+    if not isinstance(name, str):
+        return False
+    rest = name[len("dummy+"):] if name.startswith("dummy+") else name
+    return name in ("none", "dummy") or rest == "robust" or rest in ("raha1", "raha2", "raha3")
 
 
 def _validate_serve(s: "ServeCfg") -> None:

@@ -21,6 +21,26 @@ def smoke_runs(tmp_path_factory):
     return tmp_path_factory.mktemp("smoke_runs")
 
 
+@pytest.fixture(scope="session")
+def smoke_attack_models(orl_smoke, smoke_runs):
+    """A loader of the smoke preset's attack models, trained once under ``smoke_runs``: each
+    call returns a fresh {"cfg", "bundle", "rt" (R_T's classifier), "F" (the attacker's
+    generator)}, so a module can freeze or wrap them without touching another's."""
+    from raymia.config import load_config
+    from raymia.kinds import artifact_dir
+    from raymia.progress import quiet
+    from raymia.training import load_classifier, load_generator, train_artifact
+    _, bundle = orl_smoke
+    cfg = load_config("smoke", [f"run.out_root={smoke_runs}"])
+    for kind in ("target", "evaluator", "attacker_gan"):
+        train_artifact(cfg, kind, bundle, quiet)
+
+    def load() -> dict:
+        return {"cfg": cfg, "bundle": bundle, "rt": load_classifier(artifact_dir(cfg, "target"), "cpu")[0],
+                "F": load_generator(artifact_dir(cfg, "attacker_gan"), "cpu")[0]}
+    return load
+
+
 # Ray's socket paths (<temp>/session_<date>_<pid>/sockets/plasma_store) must stay under
 # the 107-byte AF_UNIX limit whatever the checkout's path: the session's Ray temp dir is a
 # short one under RAY_TMPDIR when that is short enough, else under /tmp.

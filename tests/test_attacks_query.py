@@ -16,24 +16,16 @@ from raymia.attacks.oracle import CountingOracle, HTTPOracle, InProcessOracle, t
 
 
 @pytest.fixture(scope="module")
-def qmodels(orl_smoke, smoke_runs):
+def qmodels(smoke_attack_models):
     """R_T, R_E (with the judges) and the attacker's F of the smoke preset, trained under the
     suite's shared smoke results root (reused by the job tests), and a released model
     R' = α R_T + (1 - α) R_dmy with α per row, where R_dmy is an untrained network of R_T's
     architecture (the counting and batching tests need a two-branch model, not a trained dummy)."""
-    from raymia.config import load_config
     from raymia.defenses.dummy import combined_model
     from raymia.evaluation import make_scorer
-    from raymia.kinds import artifact_dir
     from raymia.models import ProbModel, build_classifier, freeze
-    from raymia.progress import quiet
-    from raymia.training import load_classifier, load_generator, train_artifact
-    _, bundle = orl_smoke
-    cfg = load_config("smoke", [f"run.out_root={smoke_runs}"])
-    for kind in ("target", "evaluator", "attacker_gan"):
-        train_artifact(cfg, kind, bundle, quiet)
-    rt = freeze(load_classifier(artifact_dir(cfg, "target"), "cpu")[0])
-    F = freeze(load_generator(artifact_dir(cfg, "attacker_gan"), "cpu")[0])
+    m = smoke_attack_models()
+    cfg, bundle, rt, F = m["cfg"], m["bundle"], freeze(m["rt"]), freeze(m["F"])
     torch.manual_seed(0)
     dm = freeze(build_classifier(cfg.target, 1, cfg.data.image_size, bundle.n_private))
     scorer = make_scorer(cfg, bundle, "cpu")

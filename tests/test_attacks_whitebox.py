@@ -13,18 +13,9 @@ from raymia.models import ProbModel, freeze
 
 
 @pytest.fixture(scope="module")
-def wmodels(orl_smoke, smoke_runs):
-    from raymia.config import load_config
-    from raymia.kinds import artifact_dir
-    from raymia.progress import quiet
-    from raymia.training import load_classifier, load_generator, train_artifact
-    _, bundle = orl_smoke
-    cfg = load_config("smoke", [f"run.out_root={smoke_runs}"])
-    for kind in ("target", "evaluator", "attacker_gan"):
-        train_artifact(cfg, kind, bundle, quiet)
-    rt = load_classifier(artifact_dir(cfg, "target"), "cpu")[0]
-    F = load_generator(artifact_dir(cfg, "attacker_gan"), "cpu")[0]
-    return {"cfg": cfg, "bundle": bundle, "rt": rt, "model": freeze(ProbModel(rt)), "F": F}
+def wmodels(smoke_attack_models):
+    m = smoke_attack_models()
+    return {**m, "model": freeze(ProbModel(m["rt"]))}
 
 
 def test_whitebox_with_every_option_off_is_the_plain_attack(wmodels):
