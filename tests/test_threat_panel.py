@@ -67,6 +67,15 @@ def test_summary_and_report(panel):
     md = tp.report(s, cfg, {"variant": "calibrated", "alpha": 0.5, "alpha_source": "test"}, 5 / bundle.n_eval)
     assert "## black-box (NES)" in md and "## label-only" in md and "| dummy+robust |" in md
     assert np.isclose(s[(s.attack == "nes") & (s.setting == "none")]["blocked"], 0).all()
+    pr = tp.paired_vs_none(df, 200, 0)
+    assert len(pr) == 2 * (len(settings) - 1) * 2 and (pr["R_E_diff_lo"] <= pr["R_E_diff_hi"]).all()
+    # a setting whose every row got the undefended answers differs from none by exactly 0
+    for (a, b), g in df[df.setting == "raha1"].groupby(["attack", "budget"]):
+        if (g["blocked_at"] == 0).all():
+            r = pr[(pr.attack == a) & (pr.setting == "raha1") & (pr.budget == b)].iloc[0]
+            assert r["R_E_diff"] == 0 and r["external_diff"] == 0
+    md = tp.report(s, cfg, None, 5 / bundle.n_eval, pr)
+    assert "## Paired against no defense, 120 queries" in md
 
 
 def test_settings_are_validated():

@@ -137,7 +137,31 @@ def summarize(df: pd.DataFrame, n_boot: int, seed: int) -> pd.DataFrame:
     return pd.DataFrame(out)
 
 
-def report(summary: pd.DataFrame, cfg: Config, plan_info: Optional[dict], chance: float) -> str:
+def paired_vs_none(df: pd.DataFrame, n_boot: int, seed: int) -> pd.DataFrame:
+    """Per (attack, setting, budget) and judge: the setting's per-target top-5 minus the
+    undefended one's on the same rows, with its paired 95% bootstrap CI (empty without a
+    ``none`` setting)."""
+    from ..evaluation import paired_bootstrap_diff
+    if "none" not in set(df["setting"]):
+        return pd.DataFrame()
+    base = {k: g.groupby("target") for k, g in df[df.setting == "none"].groupby(["attack", "budget"])}
+    out = []
+    for (attack, setting, budget), g in df[df.setting != "none"].groupby(["attack", "setting", "budget"], sort=False):
+        b = base.get((attack, budget))
+        if b is None:
+            continue
+        rec = {"attack": attack, "setting": setting, "budget": int(budget)}
+        for label, col in JUDGES:
+            if col in g:
+                x, y = b[col].mean(), g.groupby("target")[col].mean()
+                d, lo, hi = paired_bootstrap_diff(x.to_numpy(float), y.loc[x.index].to_numpy(float), n_boot, seed)
+                rec.update({f"{label}_diff": d, f"{label}_diff_lo": lo, f"{label}_diff_hi": hi})
+        out.append(rec)
+    return pd.DataFrame(out)
+
+
+def report(summary: pd.DataFrame, cfg: Config, plan_info: Optional[dict], chance: float,
+           paired: Optional[pd.DataFrame] = None) -> str:
     budgets = sorted(summary["budget"].unique())
     md = [f"# Threat panel ({cfg.data.name}, seed {cfg.run.seed})", "",
           f"Rows per setting: {int(summary['rows'].iloc[0])} (known targets x {cfg.threat_panel.restarts}), "
@@ -161,12 +185,21 @@ def report(summary: pd.DataFrame, cfg: Config, plan_info: Optional[dict], chance
                              + f" ({r['answered_median']:.0f} answered, {r['blocked']}/{r['rows']} blocked)")
             md.append(f"| {setting} | " + " | ".join(cells) + " |")
         md.append("")
-    md.append("CIs (95%, bootstrap over targets) are in threat_summary.csv.")
+    if paired is not None and not paired.empty:
+        top = int(paired["budget"].max())
+        md += [f"## Paired against no defense, {top} queries (setting minus none, points, 95% CI)", "",
+               "| attack | setting | " + " | ".join(j for j, _ in JUDGES) + " |", "|---|---|" + "---|" * len(JUDGES)]
+        for r in paired[paired["budget"] == top].itertuples():
+            md.append(f"| {ATTACK_NAMES[r.attack]} | {r.setting} | " + " | ".join(
+                f"{100 * getattr(r, f'{j}_diff'):+.0f} [{100 * getattr(r, f'{j}_diff_lo'):+.0f}, "
+                f"{100 * getattr(r, f'{j}_diff_hi'):+.0f}]" for j, _ in JUDGES) + " |")
+        md.append("")
+    md.append("CIs (95%, bootstrap over targets) are in threat_summary.csv and threat_paired.csv.")
     return "\n".join(md) + "\n"
 
 
 def run(cfg: Config, out: Optional[str] = None, address: Optional[str] = None) -> Path:
-    """Writes threat_rows.csv, threat_summary.csv and threat_panel.md to ``out`` (default
+    """Writes threat_rows.csv, threat_summary.csv, threat_paired.csv and threat_panel.md to ``out`` (default
     <out_root>/<run.name>/threat_panel).  Trains missing R_T / R_E / F first; the dummy
     settings need the α sweep's recommendation and R_dmy (`make demo`)."""
     from ..data import load_bundle
@@ -197,6 +230,8 @@ def run(cfg: Config, out: Optional[str] = None, address: Optional[str] = None) -
     df.to_csv(run_dir / "threat_rows.csv", index=False)
     summary = summarize(df, cfg.sweep.bootstrap, cfg.run.seed)
     summary.to_csv(run_dir / "threat_summary.csv", index=False)
-    (run_dir / "threat_panel.md").write_text(report(summary, cfg, plan_info, 5 / bundle.n_eval))
+    paired = paired_vs_none(df, cfg.sweep.bootstrap, cfg.run.seed)
+    paired.to_csv(run_dir / "threat_paired.csv", index=False)
+    (run_dir / "threat_panel.md").write_text(report(summary, cfg, plan_info, 5 / bundle.n_eval, paired))
     say(f"done in {time.time() - t0:.0f}s; outputs in {run_dir}")
     return run_dir
