@@ -22,9 +22,15 @@ similarity filter (Table 1 config 3, the ``filter`` section's defaults) in front
 alone (``serve.model=target``): trains the smoke artifacts it needs under ``--out-root``,
 starts a local Ray + Serve, and reports per row how many queries were answered before a
 403 (or that none came), then R_E's and the judges' verdict on the reconstructions.
+``--serve-preset``, ``--serve-set key=value`` (applied last, e.g. ``serve.model=combined
+filter.kind=robust``), ``--serve-attack nes`` and ``--panel-seeds`` (the threat panel's
+rows: every known target, row seed threat_panel.seed + 1000 run.seed + 10 target + restart)
+run another app / attack, e.g. one cell of the threat panel over HTTP.
 
     python bench/bench_query_attacks.py                       # throughput (~1 min on 2 quiet cores)
     python bench/bench_query_attacks.py --serve-filter        # label-only vs the filter over HTTP
+    python bench/bench_query_attacks.py --serve-filter --serve-preset orl --out-root runs --panel-seeds \
+        --serve-set serve.model=combined --serve-set filter.kind=robust --serve-attack nes --budget 2000
 """
 from __future__ import annotations
 
@@ -43,7 +49,7 @@ import torch  # noqa: E402
 
 from raymia.attacks.blackbox import blackbox_mia  # noqa: E402
 from raymia.attacks.oracle import InProcessOracle  # noqa: E402
-from raymia.config import load_config  # noqa: E402
+from raymia.config import ConfigError, load_config  # noqa: E402
 
 
 def orl_models(seed: int = 0, preset: str = "orl"):
@@ -115,6 +121,7 @@ def serve_filter(args) -> dict:
     from ray import serve as rserve
 
     import serve as raymia_serve
+    from raymia.attacks.blackbox import blackbox_mia
     from raymia.attacks.label_only import label_only_mia
     from raymia.attacks.oracle import HTTPOracle
     from raymia.data import load_bundle
@@ -123,8 +130,9 @@ def serve_filter(args) -> dict:
     from raymia.models import freeze
     from raymia.progress import quiet
     from raymia.training import load_generator, train_artifact
-    cfg = load_config("smoke", [f"run.out_root={args.out_root}", "serve.model=target", "serve.use_filter=true",
-                                f"serve.state_path={Path(args.out_root) / 'qa_filter_state.sqlite'}"])
+    preset = args.serve_preset
+    cfg = load_config(preset, [f"run.out_root={args.out_root}", "serve.model=target", "serve.use_filter=true",
+                               f"serve.state_path={Path(args.out_root) / 'qa_filter_state.sqlite'}"] + args.serve_set)
     sp = Path(cfg.serve.state_path)
     if sp.exists():
         sp.unlink()
@@ -140,19 +148,31 @@ def serve_filter(args) -> dict:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
         rserve.start(http_options={"host": "127.0.0.1", "port": port})
-        rserve.run(raymia_serve.build_app(cfg, "smoke"), name="raymia-qa", route_prefix="/")
+        rserve.run(raymia_serve.build_app(cfg, preset), name="raymia-qa", route_prefix="/")
         url = f"http://127.0.0.1:{port}"
         n = bundle.n_private
-        targets = [t for r in range(args.restarts) for t in range(n)]
-        seeds = [9000 + 31 * r + t for r in range(args.restarts) for t in range(n)]
+        if args.panel_seeds:
+            tp = cfg.threat_panel
+            known = [t for t in range(n) if int(bundle.private_to_eval[t]) >= 0]
+            targets = [t for t in known for _ in range(args.restarts)]
+            seeds = [tp.seed + 1000 * cfg.run.seed + 10 * t + i for t in known for i in range(args.restarts)]
+        else:
+            targets = [t for r in range(args.restarts) for t in range(n)]
+            seeds = [9000 + 31 * r + t for r in range(args.restarts) for t in range(n)]
         qa = cfg.query_attack
-        oracle = HTTPOracle(n, url=url, client_ids=[f"brep-{i}" for i in range(len(targets))], labels_only=True,
-                            threads=2)
+        label = args.serve_attack == "label"
+        oracle = HTTPOracle(n, url=url, client_ids=[f"{args.serve_attack}-{i}" for i in range(len(targets))],
+                            labels_only=label, threads=2)
         t0 = time.time()
-        res = label_only_mia(oracle, F, targets, seeds, budget=args.budget or qa.label_budget,
-                             points=qa.label_points, r0=qa.label_r0, growth=qa.label_growth, r_max=qa.label_r_max,
-                             step=qa.label_step, init_batch=qa.label_init_batch, init_budget=qa.label_init_budget,
-                             bound=cfg.attack.latent_bound)
+        if label:
+            budget = args.budget or qa.label_budget
+            res = label_only_mia(oracle, F, targets, seeds, budget=budget, points=qa.label_points, r0=qa.label_r0,
+                                 growth=qa.label_growth, r_max=qa.label_r_max, step=qa.label_step,
+                                 init_batch=qa.label_init_batch, init_budget=min(qa.label_init_budget, budget),
+                                 bound=cfg.attack.latent_bound)
+        else:
+            res = blackbox_mia(oracle, F, targets, seeds, budget=args.budget or qa.budget, pairs=qa.nes_pairs,
+                               sigma=qa.nes_sigma, lr=qa.nes_lr, bound=cfg.attack.latent_bound)
         wall = time.time() - t0
     finally:
         try:
@@ -162,11 +182,14 @@ def serve_filter(args) -> dict:
             shutil.rmtree(tmp, ignore_errors=True)
     scorer = make_scorer(cfg, bundle, "cpu")
     s = scorer.score(res.images, targets)
-    return {"filter": {k: getattr(cfg.filter, k) for k in ("n_b", "t_ssim", "t_hash", "l_sp")},
-            "rows": len(targets), "budget": int(res.budgets[0]), "wall_s": wall,
+    extra = ({"found": res.extra["found"].tolist(), "radius": [round(float(r), 3) for r in res.extra["radius"]]}
+             if label else {})
+    return {"preset": preset, "attack": args.serve_attack, "serve_set": args.serve_set, "model": cfg.serve.model,
+            "filter_kind": cfg.filter.kind,
+            "filter": {k: getattr(cfg.filter, k) for k in ("n_b", "t_ssim", "t_hash", "l_sp")},
+            "rows": len(targets), "targets": targets, "seeds": seeds, "budget": int(res.budgets[0]), "wall_s": wall,
             "answered": res.queries.tolist(), "blocked_at": res.blocked_at.tolist(),
-            "blocked_rows": int(res.blocked.sum()), "found": res.extra["found"].tolist(),
-            "radius": [round(float(r), 3) for r in res.extra["radius"]],
+            "blocked_rows": int(res.blocked.sum()), **extra,
             "mean_latency_ms": 1000 * float(np.sum(oracle.seconds) / max(1, int(oracle.sent.sum()))),
             **{k: float(np.mean(v)) for k, v in s.items() if k.endswith("top5")}}
 
@@ -183,7 +206,11 @@ def main(argv=None) -> int:
     p.add_argument("--serve-filter", action="store_true", help="label-only attack over HTTP vs the smoke app's filter")
     p.add_argument("--out-root", default="runs/bench/query_serve", help="--serve-filter: results root for the smoke artifacts")
     p.add_argument("--restarts", type=int, default=2, help="--serve-filter: rows per target")
-    p.add_argument("--budget", type=int, default=0, help="--serve-filter: queries per row (0 = query_attack.label_budget)")
+    p.add_argument("--budget", type=int, default=0, help="--serve-filter: queries per row (0 = the attack's query_attack budget)")
+    p.add_argument("--serve-preset", default="smoke", help="--serve-filter: the app's preset")
+    p.add_argument("--serve-set", action="append", default=[], help="--serve-filter: config override key=value (last)")
+    p.add_argument("--serve-attack", choices=("label", "nes"), default="label", help="--serve-filter: which attack")
+    p.add_argument("--panel-seeds", action="store_true", help="--serve-filter: the threat panel's rows and seeds")
     p.add_argument("--out", default="runs/bench", help="folder of the JSON result")
     args = p.parse_args(argv)
     if args.chunked < 0 or args.chunked == 1 or args.rounds < 1 or args.threads < 1:
@@ -191,8 +218,13 @@ def main(argv=None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     if args.serve_filter:
-        r = serve_filter(args)
-        path = out / "query_serve_filter.json"
+        try:
+            r = serve_filter(args)
+        except ConfigError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        default = args.serve_preset == "smoke" and args.serve_attack == "label" and not args.serve_set
+        path = out / ("query_serve_filter.json" if default else f"query_serve_{args.serve_preset}_{args.serve_attack}.json")
     else:
         r = throughput(args)
         path = out / f"query_attacks-{args.preset}.json"
