@@ -121,9 +121,8 @@ def serve_filter(args) -> dict:
     from ray import serve as rserve
 
     import serve as raymia_serve
-    from raymia.attacks.blackbox import blackbox_mia
-    from raymia.attacks.label_only import label_only_mia
     from raymia.attacks.oracle import HTTPOracle
+    from raymia.attacks.query import run_query_attack
     from raymia.data import load_bundle
     from raymia.evaluation import make_scorer
     from raymia.kinds import artifact_dir
@@ -152,10 +151,8 @@ def serve_filter(args) -> dict:
         url = f"http://127.0.0.1:{port}"
         n = bundle.n_private
         if args.panel_seeds:
-            tp = cfg.threat_panel
-            known = [t for t in range(n) if int(bundle.private_to_eval[t]) >= 0]
-            targets = [t for t in known for _ in range(args.restarts)]
-            seeds = [tp.seed + 1000 * cfg.run.seed + 10 * t + i for t in known for i in range(args.restarts)]
+            from raymia.pipelines.threat_panel import rows_of
+            targets, seeds = rows_of(cfg, bundle, args.restarts)
         else:
             targets = [t for r in range(args.restarts) for t in range(n)]
             seeds = [9000 + 31 * r + t for r in range(args.restarts) for t in range(n)]
@@ -164,15 +161,9 @@ def serve_filter(args) -> dict:
         oracle = HTTPOracle(n, url=url, client_ids=[f"{args.serve_attack}-{i}" for i in range(len(targets))],
                             labels_only=label, threads=2)
         t0 = time.time()
-        if label:
-            budget = args.budget or qa.label_budget
-            res = label_only_mia(oracle, F, targets, seeds, budget=budget, points=qa.label_points, r0=qa.label_r0,
-                                 growth=qa.label_growth, r_max=qa.label_r_max, step=qa.label_step,
-                                 init_batch=qa.label_init_batch, init_budget=min(qa.label_init_budget, budget),
-                                 bound=cfg.attack.latent_bound)
-        else:
-            res = blackbox_mia(oracle, F, targets, seeds, budget=args.budget or qa.budget, pairs=qa.nes_pairs,
-                               sigma=qa.nes_sigma, lr=qa.nes_lr, bound=cfg.attack.latent_bound)
+        budget = args.budget or (qa.label_budget if label else qa.budget)
+        res = run_query_attack(args.serve_attack, oracle, F, targets, seeds, budget, qa, cfg.attack.latent_bound,
+                               chunk=0)
         wall = time.time() - t0
     finally:
         try:

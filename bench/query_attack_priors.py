@@ -46,8 +46,7 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     import torch
-    from raymia.attacks.blackbox import blackbox_mia
-    from raymia.attacks.label_only import label_only_mia
+    from raymia.attacks.query import run_query_attack
     from raymia.attacks.oracle import InProcessOracle
     from raymia.attacks.priors import LinearPrior
     from raymia.data import load_bundle
@@ -64,7 +63,7 @@ def main(argv=None) -> int:
     rt = ProbModel(freeze(load_classifier(artifact_dir(cfg, "target"), dev)[0])).eval()
     F = freeze(load_generator(artifact_dir(cfg, "attacker_gan"), dev)[0])
     scorer = make_scorer(cfg, bundle, dev)
-    known = [t for t in range(bundle.n_private) if int(bundle.private_to_eval[t]) >= 0]
+    known = bundle.known_targets()
     targets = [t for t in known for _ in range(a.restarts)]
     seeds = [a.seed + 10 * t + i for t in known for i in range(a.restarts)]
     qa, bound = cfg.query_attack, cfg.attack.latent_bound
@@ -74,14 +73,8 @@ def main(argv=None) -> int:
         for att in attacks:
             t0 = time.time()
             o = InProcessOracle(rt, len(targets), bundle.n_private, labels_only=(att == "label"), device=dev)
-            if att == "nes":
-                res = blackbox_mia(o, G, targets, seeds, budget=qa.budget, pairs=qa.nes_pairs, sigma=qa.nes_sigma,
-                                   lr=qa.nes_lr, bound=bound, device=dev, chunk=qa.forward_batch)
-            else:
-                res = label_only_mia(o, G, targets, seeds, budget=qa.label_budget, points=qa.label_points,
-                                     r0=qa.label_r0, growth=qa.label_growth, r_max=qa.label_r_max,
-                                     step=qa.label_step, init_batch=qa.label_init_batch,
-                                     init_budget=qa.label_init_budget, bound=bound, device=dev)
+            res = run_query_attack(att, o, G, targets, seeds, qa.budget if att == "nes" else qa.label_budget,
+                                   qa, bound, dev)
             verdicts = scorer.score(res.images, targets)
             row = {"prior": pname, "attack": att, "rows": len(targets), "targets": len(known),
                    "mean_queries": float(res.queries.mean()), "seconds": round(time.time() - t0, 1)}

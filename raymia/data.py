@@ -67,6 +67,11 @@ class Bundle:
     def channels(self) -> int:
         return int(self.private_train.x.shape[1])
 
+    def known_targets(self) -> list:
+        """The R_T classes R_E also knows (``private_to_eval`` >= 0): the targets a
+        reconstruction can be judged on."""
+        return [t for t in range(self.n_private) if int(self.private_to_eval[t]) >= 0]
+
     def summary(self) -> dict:
         return {
             "name": self.name, "n_private": self.n_private, "n_eval": self.n_eval,

@@ -78,17 +78,14 @@ def released_models(cfg: Config, settings: list, device) -> tuple[dict, Optional
     return models, plan_info
 
 
-def run_attack(attack: str, oracle, F, targets: list, seeds: list, budget: int, qa, bound: float, device):
-    """One query attack at ``budget`` queries per row, query_attack's other defaults."""
-    from ..attacks.blackbox import blackbox_mia
-    from ..attacks.label_only import label_only_mia
-    if attack == "nes":
-        return blackbox_mia(oracle, F, targets, seeds, budget=budget, pairs=qa.nes_pairs, sigma=qa.nes_sigma,
-                            lr=qa.nes_lr, bound=bound, device=device, chunk=qa.forward_batch)
-    return label_only_mia(oracle, F, targets, seeds, budget=budget, points=qa.label_points, r0=qa.label_r0,
-                          growth=qa.label_growth, r_max=qa.label_r_max, step=qa.label_step,
-                          init_batch=qa.label_init_batch, init_budget=min(qa.label_init_budget, budget),
-                          bound=bound, device=device)
+def rows_of(cfg: Config, bundle, restarts: Optional[int] = None) -> tuple[list, list]:
+    """(targets, seeds) of the panel's rows: every known target x ``restarts`` (default
+    ``threat_panel.restarts``), row seed = threat_panel.seed + 1000 run.seed + 10 target + restart."""
+    tp = cfg.threat_panel
+    r = tp.restarts if restarts is None else restarts
+    known = bundle.known_targets()
+    return ([t for t in known for _ in range(r)],
+            [tp.seed + 1000 * cfg.run.seed + 10 * t + i for t in known for i in range(r)])
 
 
 def panel_rows(models: dict, gates: dict, F, scorer, targets: list, seeds: list, settings: list, attacks: list,
@@ -97,6 +94,7 @@ def panel_rows(models: dict, gates: dict, F, scorer, targets: list, seeds: list,
     the refused query (0 = never), and every judge's top-1/top-5 verdict on the row's
     reconstruction.  ``models``: {"target", "dummy"}; ``gates``: filter name -> Gate factory."""
     from ..attacks.oracle import InProcessOracle
+    from ..attacks.query import run_query_attack
     from ..filter_sim.redteam import GatedOracle
     n, rows = len(targets), []
     for attack in attacks:
@@ -107,16 +105,15 @@ def panel_rows(models: dict, gates: dict, F, scorer, targets: list, seeds: list,
                 inner = InProcessOracle(models["dummy" if dummy else "target"], n, n_classes,
                                         labels_only=(attack == "label"), device=device)
                 oracle = inner if filt is None else GatedOracle(inner, gates[filt](), [f"row-{r}" for r in range(n)])
-                res = run_attack(attack, oracle, F, targets, seeds, int(budget), qa, bound, device)
+                res = run_query_attack(attack, oracle, F, targets, seeds, int(budget), qa, bound, device)
                 verdict = scorer.score(res.images, targets)
                 for r in range(n):
                     rows.append({"attack": attack, "setting": setting, "budget": int(budget), "row": r,
                                  "target": targets[r], "seed": seeds[r], "answered": int(res.queries[r]),
                                  "blocked_at": int(res.blocked_at[r]),
                                  **{k: float(v[r]) for k, v in verdict.items() if k.endswith(("top1", "top5"))}})
-            done = [x for x in rows if x["attack"] == attack and x["setting"] == setting]
             say(f"{ATTACK_NAMES[attack]} / {setting}: {time.time() - t0:.0f}s, R_E top-5 at budget "
-                f"{budgets[-1]}: {np.mean([x['success_top5'] for x in done if x['budget'] == budgets[-1]]):.0%}")
+                f"{budgets[-1]}: {np.mean(verdict['success_top5']):.0%}")
     return rows
 
 
@@ -218,9 +215,7 @@ def run(cfg: Config, out: Optional[str] = None, address: Optional[str] = None) -
     bundle = load_bundle(cfg.data)
     scorer = make_scorer(cfg, bundle, device)
     F = freeze(load_generator(artifact_dir(cfg, "attacker_gan"), device)[0])
-    known = [t for t in range(bundle.n_private) if int(bundle.private_to_eval[t]) >= 0]
-    targets = [t for t in known for _ in range(tp.restarts)]
-    seeds = [tp.seed + 1000 * cfg.run.seed + 10 * t + i for t in known for i in range(tp.restarts)]
+    targets, seeds = rows_of(cfg, bundle)
     filters = {split_setting(s)[1] for s in tp.settings} - {None}
     gates = {f: gate_factory(cfg, f) for f in filters}
     t0 = time.time()

@@ -64,7 +64,7 @@ def prior_key(cfg: Config) -> tuple:
 
 
 def targets_of(cfg: Config, bundle) -> list:
-    known = [t for t in range(bundle.n_private) if int(bundle.private_to_eval[t]) >= 0]
+    known = bundle.known_targets()
     return [t for t in (cfg.whitebox.targets or known) if t in known]
 
 
