@@ -58,21 +58,25 @@ def gate_factory(cfg: Config, filt: str) -> Callable:
     return lambda: Gate(params)
 
 
+def released_plan(cfg: Config, model: str):
+    """What Serve would serve with ``serve.model = model`` (``target`` or ``combined``)."""
+    import copy
+
+    from ..serving.plan import resolve_plan
+    c = copy.deepcopy(cfg)
+    c.serve.model = model
+    return resolve_plan(c)
+
+
 def released_models(cfg: Config, settings: list, device) -> tuple[dict, Optional[dict]]:
     """{"target": R_T as softmax, "dummy": R' at its deployed α (only if a setting needs it)}
     and the dummy's serving plan (None without one).  A missing recommendation or R_dmy
     raises :class:`~raymia.serving.plan.ServeSetupError` naming the command that makes it."""
-    import copy
-
-    from ..serving.plan import load_serving_model, resolve_plan
+    from ..serving.plan import load_serving_model
     models, plan_info = {}, None
-    tcfg = copy.deepcopy(cfg)
-    tcfg.serve.model = "target"
-    models["target"] = load_serving_model(resolve_plan(tcfg), device)[0].eval()
+    models["target"] = load_serving_model(released_plan(cfg, "target"), device)[0].eval()
     if any(split_setting(s)[0] for s in settings):
-        dcfg = copy.deepcopy(cfg)
-        dcfg.serve.model = "combined"
-        plan = resolve_plan(dcfg)
+        plan = released_plan(cfg, "combined")
         models["dummy"] = load_serving_model(plan, device)[0].eval()
         plan_info = {"variant": plan.variant, "alpha": plan.alpha, "alpha_source": plan.alpha_source}
     return models, plan_info
@@ -207,6 +211,8 @@ def run(cfg: Config, out: Optional[str] = None, address: Optional[str] = None) -
     from ..training import load_generator
     tp = cfg.threat_panel
     run_dir = out_dir(cfg, out, "threat_panel")
+    if any(split_setting(s)[0] for s in tp.settings):     # fail before any training, naming `make demo`
+        released_plan(cfg, "combined")
     ensure_artifacts(cfg, BASE_KINDS, address, "threat_panel")
     device = pick_device(cfg.run.device)
     models, plan_info = released_models(cfg, tp.settings, device)
