@@ -28,8 +28,12 @@ Arch = Literal["faceresnet", "smallcnn", "lenet5"]
 DummyVariant = Literal["paper", "calibrated"]
 AnchorChoice = Literal["random", "far"]
 Rule = Literal["linear", "gated"]
+# the α sweep's / defense check's attackers (raymia.sweep.attack_chunk): white-box generator MIA,
+# the same with expectation over transformation, black-box NES on scores, label-only
+SweepAttack = Literal["whitebox", "eot", "nes", "label"]
 CompileMode = Literal["off", "default", "max-autotune-no-cudagraphs", "max-autotune", "reduce-overhead"]
 DUMMY_VARIANTS = get_args(DummyVariant)
+SWEEP_ATTACKS = get_args(SweepAttack)
 
 
 class ConfigError(ValueError):
@@ -144,6 +148,9 @@ class SearchCfg:
     eot_samples: int = 4             # adaptive attacker: transforms averaged per step
     eot_shift: int = 2               # adaptive attacker: max shift in pixels
     eot_noise: float = 0.03          # adaptive attacker: Gaussian noise std
+    # the check's attackers (the sweep's attack dimension): whitebox must be one of them (the deployed
+    # alpha is chosen against it); eot is the adaptive attacker; nes / label the query attacks
+    check_attacks: list[SweepAttack] = field(default_factory=lambda: ["whitebox", "eot"])
 
 
 @dataclass
@@ -247,6 +254,9 @@ class SweepCfg:
     alpha_step: float = 0.05
     alphas: list = field(default_factory=list)    # explicit grid overrides start/stop/step
     variants: list[DummyVariant] = field(default_factory=lambda: ["paper", "calibrated"])
+    # the attack dimension: every (variant, α, target, restart) row is attacked by each of these
+    # (paired: same targets, restarts and row seeds); α is selected on the FIRST one's R_E success
+    attacks: list[SweepAttack] = field(default_factory=lambda: ["whitebox"])
     grid_alphas: list = field(default_factory=lambda: [1.0, 0.7, 0.5, 0.25, 0.1])
     bootstrap: int = 1000
     accuracy_tolerance: float = 0.01
@@ -650,6 +660,8 @@ def validate(cfg: Config) -> None:
     _check(bool(se.seeds) and all(isinstance(v, int) and not isinstance(v, bool) for v in se.seeds),
            "search.seeds must be a non-empty list of integers")
     _check(se.eot_samples >= 1 and se.eot_shift >= 0 and se.eot_noise >= 0, "search.eot_*: samples >= 1, shift and noise >= 0")
+    _check("whitebox" in se.check_attacks and len(set(se.check_attacks)) == len(se.check_attacks),
+           "search.check_attacks must hold whitebox (the deployed alpha is chosen against it), without repeats")
     alpha_grid(SweepCfg(alphas=list(se.alphas)))
     cb = cfg.combine
     _check(0.0 < cb.gate_tau < 1.0 and cb.gate_temp > 0, "combine.gate_tau must lie in (0, 1) and combine.gate_temp be > 0")
@@ -675,6 +687,8 @@ def validate(cfg: Config) -> None:
            "threat_panel: budgets a non-empty list of integers >= 2, restarts >= 1, attacks from {nes, label}, "
            "settings from none, dummy, raha1..raha3, robust, or dummy+<filter>")
     alpha_grid(cfg.sweep)  # raises on a bad grid
+    _check(bool(cfg.sweep.attacks) and len(set(cfg.sweep.attacks)) == len(cfg.sweep.attacks),
+           "sweep.attacks must be a non-empty list without repeats (whitebox, eot, nes, label)")
     _validate_serve(cfg.serve)
     _validate_filter(cfg)
 

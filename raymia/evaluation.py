@@ -154,7 +154,7 @@ def paired_differences(trials: pd.DataFrame, variants: Sequence[str], judges: Se
     if len(variants) < 2:
         return pd.DataFrame()
     va, vb = variants[0], variants[1]
-    cols = {"re": "success_top5", **{j: f"{j}_top5" for j in judges}}
+    cols = judge_columns(judges)
     rows = []
     for alpha, g in trials.groupby("alpha"):
         ga, gb = g[g["variant"] == va], g[g["variant"] == vb]
@@ -259,3 +259,48 @@ def recommend(summary: pd.DataFrame, acc_target: float, tolerance: float, rule: 
         rec[variant] = {k: (float(v) if isinstance(v, (np.floating, float, int, np.integer)) else v)
                         for k, v in best.items()}
     return rec
+
+
+def judge_columns(judges: Sequence[str]) -> dict:
+    """Judge name -> its per-trial top-5 column (R_E is ``re``)."""
+    return {"re": "success_top5", **{j: f"{j}_top5" for j in judges}}
+
+
+def summarize_attacks(trials: pd.DataFrame, accuracy: pd.DataFrame, n_boot: int = 1000, seed: int = 0) -> pd.DataFrame:
+    """:func:`summarize` per attack of the sweep's attack dimension (an ``attack`` column
+    first), with the mean queries per row for the query attacks."""
+    parts = []
+    for attack, g in trials.groupby("attack", sort=False):
+        s = summarize(g, accuracy, n_boot, seed)
+        if "queries" in g and g["queries"].notna().any():
+            q = g.groupby(["variant", "alpha"])["queries"].mean().rename("queries_mean").reset_index()
+            s = s.merge(q, on=["variant", "alpha"], how="left")
+        parts.append(s.assign(attack=attack))
+    out = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame()
+    return out[["attack"] + [c for c in out.columns if c != "attack"]] if len(out) else out
+
+
+def defense_effects(trials: pd.DataFrame, chosen: dict, judges: Sequence[str], n_boot: int = 1000,
+                    seed: int = 0) -> pd.DataFrame:
+    """Per attack, variant and judge: success at α = 1 (R_T alone) and at the variant's chosen
+    α (``chosen``: variant -> α), and the paired difference (chosen minus α = 1) over the same
+    targets and restarts, with its bootstrap CI -- what the deployed defense takes away from
+    each attacker."""
+    rows = []
+    for (attack, variant), g in trials.groupby(["attack", "variant"], sort=False):
+        a = chosen.get(variant)
+        if a is None:
+            continue
+        g1, ga = g[g["alpha"] == 1.0], g[g["alpha"] == float(a)]
+        for j, col in judge_columns(judges).items():
+            if col not in g:
+                continue
+            p1, pa = g1.groupby("target")[col].mean(), ga.groupby("target")[col].mean()
+            common = p1.index.intersection(pa.index)
+            d, lo, hi = paired_bootstrap_diff(p1[common].to_numpy(), pa[common].to_numpy(), n_boot, seed)
+            rows.append({"attack": attack, "variant": variant, "alpha": float(a), "judge": j,
+                         "n_targets": len(common), "n_trials": len(ga),
+                         "top5_alpha1": float(g1[col].mean()) if len(g1) else float("nan"),
+                         "top5_alpha": float(ga[col].mean()) if len(ga) else float("nan"),
+                         "diff_top5": d, "ci_low": lo, "ci_high": hi})
+    return pd.DataFrame(rows)

@@ -24,12 +24,11 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .attacks.adaptive import EOTModel
-from .config import Config, SweepCfg, alpha_grid, apply_override
+from .config import SWEEP_ATTACKS, Config, ConfigError, SweepCfg, alpha_grid, apply_override
 from .data import Bundle, load_bundle
 from .defenses.dummy import combined_model, train_dummy
 from .evaluation import accuracy_rows, judge_names, make_scorer, recommend, summarize
-from .sweep import SweepModels, attack_chunk, resolve_targets, row_seed, scored_rows
+from .sweep import TRIAL_KEY, SweepModels, attack_chunk, resolve_targets, row_seed, scored_rows
 from .kinds import artifact_dir, dummy_kind
 from .training import load_classifier, load_generator
 
@@ -122,10 +121,12 @@ class DefenseEvaluator:
     :class:`ReconstructionScorer`'s ``score`` or the evaluator actor's); ``add_anchors``
     registers this defense's anchors with the scorer under ``key``."""
 
-    def __init__(self, base: Base, params: dict, seed: int, key: str, adaptive: bool = False,
+    def __init__(self, base: Base, params: dict, seed: int, key: str, attack: str = "whitebox",
                  score: Optional[Callable] = None, add_anchors: Optional[Callable] = None,
                  progress=None, dummy_state: Optional[dict] = None):
-        self.base, self.params, self.seed, self.key, self.adaptive = base, dict(params), int(seed), key, adaptive
+        if attack not in SWEEP_ATTACKS:
+            raise ConfigError(f"search.check_attacks: unknown attack {attack!r} (one of {', '.join(SWEEP_ATTACKS)})")
+        self.base, self.params, self.seed, self.key, self.attack = base, dict(params), int(seed), key, attack
         self.cfg = apply_params(base.cfg, params)
         self.cfg.run.seed = self.seed
         cfg = self.cfg
@@ -144,11 +145,7 @@ class DefenseEvaluator:
             metrics = dummy_state.get("metrics", {})
         self.dummy, self.dummy_metrics = dm, dict(metrics)
         self.released = combined_model(cfg, base.rt, dm)
-        attacked = self.released
-        if adaptive:
-            s = cfg.search
-            attacked = EOTModel(self.released, s.eot_samples, s.eot_shift, s.eot_noise, seed=self.seed).eval()
-        self.models = SweepModels({key: attacked}, base.F, {}, {key: self.anchors["x"]}, {key: self.anchors["y"]},
+        self.models = SweepModels({key: self.released}, base.F, {}, {key: self.anchors["x"]}, {key: self.anchors["y"]},
                                   base.device)
         self.alphas = alpha_grid(SweepCfg(alphas=list(cfg.search.alphas)))
         self.targets = resolve_targets(cfg, base.bundle.n_private)
@@ -169,9 +166,10 @@ class DefenseEvaluator:
         return self.cfg.attack.restarts
 
     def run_round(self, r: int) -> pd.DataFrame:
-        """Restart ``r`` of every target at every alpha, in one batched attack."""
-        rows = [(self.key, a, t, r, row_seed(self.cfg, t, r)) for t in self.targets for a in self.alphas]
-        chunk = pd.DataFrame(rows, columns=["variant", "alpha", "target", "restart", "seed"])
+        """Restart ``r`` of every target at every alpha, in one batched attack (``self.attack``:
+        any attack of the sweep's attack dimension, :func:`raymia.sweep.attack_chunk`)."""
+        rows = [(self.attack, self.key, a, t, r, row_seed(self.cfg, t, r)) for t in self.targets for a in self.alphas]
+        chunk = pd.DataFrame(rows, columns=TRIAL_KEY + ["seed"])
         out, images = attack_chunk(self.cfg, self.models, chunk)
         scores = self._score(images, out["target"].tolist(), self.key, out["alpha"].tolist())
         scored = scored_rows(out, scores)

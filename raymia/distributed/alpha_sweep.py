@@ -10,7 +10,8 @@ from ray import tune
 
 from ..config import Config, config_from_dict
 from ..runtime import pick_device, set_threads
-from ..sweep import ChunkStore, attack_chunk, chunk_id, load_sweep_models, plan_chunks, plan_rows, scored_rows
+from ..sweep import (ChunkStore, attack_chunk, chunk_attack, chunk_id, load_sweep_models, plan_chunks, plan_rows,
+                     scored_rows)
 from .evaluator import start_evaluator
 from .runtime import cluster_cpus, cluster_gpus, trial_resources, use_gpus
 from .tune import experiment_name, run_grid
@@ -25,11 +26,11 @@ def _attack_trial(config: dict) -> None:
     set_threads(cfg.run.threads)
     device = pick_device(cfg.run.device)
     models = load_sweep_models(cfg, device)
-    store = ChunkStore(config["rows_dir"])
+    stores = {k: ChunkStore(d) for k, d in config["rows_dirs"].items()}
     chunks = plan_chunks(plan_rows(cfg, config["n_private"]), cfg.attack.batch_rows)
     mine = [c for i, c in enumerate(chunks) if i % config["n_workers"] == config["worker"]]
     for chunk in mine:
-        cid = chunk_id(chunk)
+        cid, store = chunk_id(chunk), stores[chunk_attack(chunk)]
         if cid in store.done():
             continue
         rows, images = attack_chunk(cfg, models, chunk)
@@ -41,9 +42,9 @@ def _attack_trial(config: dict) -> None:
     tune.report({"worker_done": 1})
 
 
-def run_alpha_sweep(cfg: Config, rows_dir: Path, n_private: int, total_rows: int, done_rows: int) -> dict:
-    """Run every pending chunk on attack-worker Tune trials plus one evaluator actor;
-    returns {variant: alpha=0 floor}."""
+def run_alpha_sweep(cfg: Config, rows_dirs: dict, n_private: int, total_rows: int, done_rows: int) -> dict:
+    """Run every pending chunk on attack-worker Tune trials plus one evaluator actor
+    (``rows_dirs``: attack -> its chunk store); returns {variant: alpha=0 floor}."""
     namespace = f"raymia-{os.getpid()}"
     name = "evaluator"
     evaluator = start_evaluator(cfg, total_rows, done_rows, name, namespace)
@@ -57,7 +58,7 @@ def run_alpha_sweep(cfg: Config, rows_dir: Path, n_private: int, total_rows: int
         gpu = None
     try:
         run_grid(_attack_trial, trial_resources(cfg, gpu),
-                 {"cfg": cfg.to_dict(), "evaluator": name, "namespace": namespace, "rows_dir": str(rows_dir),
+                 {"cfg": cfg.to_dict(), "evaluator": name, "namespace": namespace, "rows_dirs": {k: str(d) for k, d in rows_dirs.items()},
                   "n_private": n_private, "n_workers": n_workers, "worker": tune.grid_search(list(range(n_workers)))},
                  experiment_name("alpha_sweep"), Path(cfg.run.out_root) / cfg.run.name / "tune", "attack worker(s)",
                  max_failures=2)

@@ -66,7 +66,7 @@ def _defense_trial(config: dict) -> None:
     device = pick_device(cfg.run.device)
     base = _search_base(cfg, device)
     evaluator = ray.get_actor(config["evaluator"], namespace=config["namespace"])
-    spec = config.get("check") or config          # the final check nests (defense, params, seed, adaptive)
+    spec = config.get("check") or config          # the final check nests (defense, params, seed, attack)
     params = trial_params(spec)
     key = tune.get_context().get_trial_id()
     state, rows = None, []
@@ -77,7 +77,7 @@ def _defense_trial(config: dict) -> None:
             state = {"model": {k[len("model."):]: v for k, v in t.items() if k.startswith("model.")},
                      "anchor_x": t["anchor_x"], "anchor_y": t["anchor_y"]}
             rows = [pd.read_parquet(Path(d) / "rows.parquet")]
-    ev = DefenseEvaluator(base, params, spec["seed"], key, bool(spec.get("adaptive", False)),
+    ev = DefenseEvaluator(base, params, spec["seed"], key, spec.get("attack", "whitebox"),
                           score=lambda imgs, t, k, a: ray.get(evaluator.score.remote(imgs, t, k, a)),
                           add_anchors=lambda k, x, y: ray.get(evaluator.add_anchors.remote(k, x, y)),
                           dummy_state=state)
@@ -152,14 +152,14 @@ def trials_frame(grid, kind: str) -> pd.DataFrame:
         c = r.config
         params = trial_params(c)
         rows.append({"kind": kind, "trial_id": r.metrics.get("trial_id"), "defense": c.get("defense", "search"),
-                     "seed": c.get("seed"), "adaptive": bool(c.get("adaptive", False)),
+                     "seed": c.get("seed"), "attack": c.get("attack", "whitebox"),
                      **{f"p_{k}": v for k, v in params.items()},
                      **{k: v for k, v in r.metrics.items() if k == "round" or k in SUMMARY_COLS or "@" in k}})
     return pd.DataFrame(rows)
 
 
 def run_search(cfg: Config, out: Path, namespace: str) -> pd.DataFrame:
-    common = {"cfg": cfg.to_dict(), "adaptive": False, "seed": cfg.run.seed}
+    common = {"cfg": cfg.to_dict(), "attack": "whitebox", "seed": cfg.run.seed}
     print(f"[defense_search] searching {cfg.search.num_samples} defenses over alphas {cfg.search.alphas}", flush=True)
     space = search_space(cfg)
     searchable = [k for k, v in space.items() if hasattr(v, "sample")]

@@ -100,13 +100,18 @@ def best_of(trials: pd.DataFrame, cfg) -> tuple[pd.Series, dict]:
     return best, _params_of(best)
 
 
+#: the check's name of each attacker (``search.check_attacks``): the paper's white-box attack is the
+#: 'naive' one the deployed α is chosen against, its EOT version the 'adaptive' one
+ATTACKER = {"whitebox": "naive", "eot": "adaptive", "nes": "nes", "label": "label"}
+
+
 def check_combos(cfg, candidates: dict) -> list[dict]:
-    return [{"defense": n, "params": p, "seed": s, "adaptive": a}
-            for n, p in candidates.items() for s in cfg.search.seeds for a in (False, True)]
+    return [{"defense": n, "params": p, "seed": s, "attack": a}
+            for n, p in candidates.items() for s in cfg.search.seeds for a in cfg.search.check_attacks]
 
 
 def check_row(combo: dict, metrics: dict) -> dict:
-    return {"defense": combo["defense"], "seed": combo["seed"], "attacker": "adaptive" if combo["adaptive"] else "naive",
+    return {"defense": combo["defense"], "seed": combo["seed"], "attacker": ATTACKER[combo["attack"]],
             **{k: v for k, v in metrics.items() if k in SUMMARY_COLS or "@" in k}}
 
 
@@ -120,12 +125,12 @@ def run_local_check(cfg, out: Path, combos: list) -> pd.DataFrame:
     done_dir.mkdir(exist_ok=True)
     rows = []
     for i, combo in enumerate(combos):
-        key = f"{combo['defense']}-s{combo['seed']}-{'adaptive' if combo['adaptive'] else 'naive'}"
+        key = f"{combo['defense']}-s{combo['seed']}-{ATTACKER[combo['attack']]}"
         path = done_dir / f"{key}.json"
         if path.exists():
             rows.append(json.loads(path.read_text()))
             continue
-        ev = DefenseEvaluator(base, combo["params"], combo["seed"], key, combo["adaptive"],
+        ev = DefenseEvaluator(base, combo["params"], combo["seed"], key, combo["attack"],
                               score=lambda imgs, t, k, a: scorer.score(imgs, t, k), add_anchors=scorer.add_anchors)
         for r in range(ev.rounds):
             ev.run_round(r)
