@@ -50,7 +50,10 @@ def test_eot_model_averages_transforms():
 
 @pytest.fixture(scope="module")
 def smoke_search(ray_session, smoke_runs):
-    cfg = load_config("smoke", [f"run.out_root={smoke_runs}", "attack.restarts=2"])
+    # the check's attackers: the naive (white-box) and adaptive (EOT) ones, and the label-only attack
+    cfg = load_config("smoke", [f"run.out_root={smoke_runs}", "attack.restarts=2",
+                                "search.check_attacks=[whitebox,eot,label]", "query_attack.label_budget=100",
+                                "query_attack.label_init_budget=64"])
     out = defense_search.run(cfg, "smoke")
     return cfg, out, defense_search
 
@@ -65,8 +68,12 @@ def test_search_outputs(smoke_search):
     assert trials["round"].between(1, cfg.attack.restarts).all()
     check = pd.read_csv(out / "check_summary.csv")
     assert set(check["defense"]) == {"best", "paper", "calibrated"}
-    assert set(check["attacker"]) == {"naive", "adaptive"}
+    assert set(check["attacker"]) == {"naive", "adaptive", "label"}
     assert check["label"].notna().all()
+    # every attacker is reported at the α deployed against the naive one, by every judge
+    for d, g in check.groupby("defense"):
+        assert g["deployed_alpha"].nunique() == 1, d
+    assert check[["mia_top5_deployed", "external_top5_deployed", "classical_top5_deployed"]].notna().all().all()
 
 
 def test_best_defense_is_a_preset(smoke_search):
@@ -87,7 +94,7 @@ def test_rerun_resumes_the_finished_search(smoke_search):
 def test_local_check_without_ray_matches_the_tune_check(smoke_search):
     """The check's Ray-free path (for a GPU box without Ray) gives the same decisions.  The
     baselines' combinations are handed over as finished (the local check resumes per
-    combination), so only the best defense's two are recomputed here."""
+    combination), so only the best defense's three (one per attacker) are recomputed here."""
     cfg, out, job = smoke_search
     tune_check = pd.read_csv(out / "check_summary.csv")
     local_out = out / "local"
@@ -98,10 +105,10 @@ def test_local_check_without_ray_matches_the_tune_check(smoke_search):
             (local_out / "check_local" / f"{r['defense']}-s{r['seed']}-{r['attacker']}.json").write_text(
                 json.dumps(r.to_dict(), default=lambda o: o.tolist() if hasattr(o, "tolist") else float(o)))
     job.run(cfg, "smoke", out=local_out, check_only=True, local=True)
-    assert len(list((local_out / "check_local").glob("best-*.json"))) == 2      # computed here
+    assert len(list((local_out / "check_local").glob("best-*.json"))) == 3      # computed here
     local = pd.read_csv(local_out / "check_summary.csv")
     merged = tune_check.merge(local, on=["defense", "attacker"], suffixes=("_tune", "_local"))
-    assert len(merged) == 6
+    assert len(merged) == 9
     best = merged[merged["defense"] == "best"]
     assert (best["best_alpha_tune"] == best["best_alpha_local"]).mean() >= 0.5
     assert (best["mia_top5_tune"] - best["mia_top5_local"]).abs().max() <= 0.2
