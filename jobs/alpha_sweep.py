@@ -4,6 +4,7 @@ with an evaluator actor scoring top-5 hits, and write tables, plots and the alph
 recommendation.
 
     python jobs/alpha_sweep.py [--preset orl] [--set sweep.alpha_step=0.1] [--out DIR]
+    python jobs/alpha_sweep.py --set "sweep.attacks=[whitebox,eot,nes,label]"   # the attack dimension
     ray job submit --working-dir . -- python jobs/alpha_sweep.py
 
 Resumable: finished chunks of rows are kept under OUT/rows/ and skipped on rerun.

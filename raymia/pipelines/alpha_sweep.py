@@ -1,7 +1,12 @@
 """The dummy-model defense end to end (Kotsuji & Nakamura): train what is missing (R_T,
 R_E, G, F, R_dmy per variant), run the batched generator MIA over the α grid on Ray Tune
 attack workers with an evaluator actor scoring top-5 hits, and write tables, plots and
-the α recommendation.  Resumable: finished chunks of rows are kept under OUT/rows/."""
+the α recommendation.  Resumable: finished chunks of rows are kept under OUT/rows/.
+
+``sweep.attacks`` adds the attack dimension: the same rows attacked by the EOT, black-box
+and label-only attackers too, judged by every judge; α is still selected on the first
+attack (the paper's white-box one), and each attack's success at α = 1 and at the selected
+α, on both draws, goes to attack_summary.csv, attack_effects.csv and attack_panel.md."""
 from __future__ import annotations
 
 import copy
