@@ -7,7 +7,7 @@ export RAY_USAGE_STATS_ENABLED := 0
 export RAY_AUTH_MODE := disabled
 export PYTHONUNBUFFERED := 1
 
-.PHONY: install demo train serve search filter study red-team whitebox-panel threat-panel test test-unit test-integration bench clean
+.PHONY: install demo attack-sweep train serve search filter study red-team whitebox-panel threat-panel test test-unit test-integration bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -19,6 +19,11 @@ install: $(STAMP)
 
 demo: install
 	$(PY) jobs/alpha_sweep.py $(ARGS)
+
+# the demo's alpha sweep with its attack dimension: the same rows also attacked by EOT, black-box NES and
+# label-only (alpha still chosen on the white-box attack; reuses the demo's models and white-box rows)
+attack-sweep: install
+	$(PY) jobs/alpha_sweep.py --set "sweep.attacks=[whitebox,eot,nes,label]" $(ARGS)
 
 train: install
 	$(PY) jobs/train.py $(ARGS)
