@@ -58,8 +58,8 @@ def run_alpha_sweep(cfg: Config, rows_dirs: dict, n_private: int, total_rows: in
         gpu = None
     try:
         run_grid(_attack_trial, trial_resources(cfg, gpu),
-                 {"cfg": cfg.to_dict(), "evaluator": name, "namespace": namespace, "rows_dirs": {k: str(d) for k, d in rows_dirs.items()},
-                  "n_private": n_private, "n_workers": n_workers, "worker": tune.grid_search(list(range(n_workers)))},
+                 {"cfg": cfg.to_dict(), "evaluator": name, "namespace": namespace,
+                  "rows_dirs": {k: str(d) for k, d in rows_dirs.items()}, "n_private": n_private, "n_workers": n_workers, "worker": tune.grid_search(list(range(n_workers)))},
                  experiment_name("alpha_sweep"), Path(cfg.run.out_root) / cfg.run.name / "tune", "attack worker(s)",
                  max_failures=2)
         return {v: ray.get(evaluator.anchor_floor.remote(v)) for v in cfg.sweep.variants}

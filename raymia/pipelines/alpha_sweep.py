@@ -200,6 +200,12 @@ ATTACK_NAMES = {"whitebox": "white-box (Khosravy, gradients)", "eot": "white-box
                 "nes": "black-box NES (scores)", "label": "label-only (boundary repulsion)"}
 
 
+def summary_columns(judge: str) -> tuple[str, str, str]:
+    """A judge's (per-trial top-5, CI low, CI high) columns in a :func:`summarize` table."""
+    return ("mia_success_top5", "ci_low", "ci_high") if judge == "re" else (
+        f"{judge}_top5", f"{judge}_ci_low", f"{judge}_ci_high")
+
+
 def attack_panel(cfg, draws: dict, rec: dict, judges: list, out: Path) -> dict:
     """The sweep's attack dimension: every attack of ``sweep.attacks`` summarised per draw
     (``attack_summary.csv``: one row per draw, attack, variant and α, every judge), the
@@ -228,9 +234,8 @@ def attack_panel(cfg, draws: dict, rec: dict, judges: list, out: Path) -> dict:
             r = row.iloc[0]
             cell = {"alpha": float(a), "accuracy": float(r["accuracy"])}
             for j in cols:
-                pre = "mia_success" if j == "re" else j
-                lo, hi = ("ci_low", "ci_high") if j == "re" else (f"{j}_ci_low", f"{j}_ci_high")
-                cell[j] = {"top5": float(r[f"{pre}_top5"]), "ci": [float(r[lo]), float(r[hi])]}
+                top5, lo, hi = summary_columns(j)
+                cell[j] = {"top5": float(r[top5]), "ci": [float(r[lo]), float(r[hi])]}
             if "queries_mean" in r and pd.notna(r["queries_mean"]):
                 cell["queries_mean"] = float(r["queries_mean"])
             block.setdefault(attack, {}).setdefault(variant, {}).setdefault(draw, {})[label] = cell
@@ -260,10 +265,8 @@ def attack_panel_md(summ: pd.DataFrame, eff: pd.DataFrame, chosen: dict, cols: d
             q = s_.get("queries_mean")
             cells = [ATTACK_NAMES.get(attack, attack), variant, f"{a:g}", "–" if q is None or pd.isna(q) else f"{q:.0f}"]
             for j in cols:
-                pre = "mia_success" if j == "re" else j
-                lo, hi = ("ci_low", "ci_high") if j == "re" else (f"{j}_ci_low", f"{j}_ci_high")
-                cells.append(f"{o[f'{pre}_top5']:.1%} [{o[lo]:.1%}, {o[hi]:.1%}] → "
-                             f"{s_[f'{pre}_top5']:.1%} [{s_[lo]:.1%}, {s_[hi]:.1%}]")
+                top5, lo, hi = summary_columns(j)
+                cells.append(f"{o[top5]:.1%} [{o[lo]:.1%}, {o[hi]:.1%}] → {s_[top5]:.1%} [{s_[lo]:.1%}, {s_[hi]:.1%}]")
                 e = ed[(ed["attack"] == attack) & (ed["variant"] == variant) & (ed["judge"] == j)] if len(ed) else ed
                 cells.append(f"{e.iloc[0]['diff_top5']:+.1%} [{e.iloc[0]['ci_low']:+.1%}, {e.iloc[0]['ci_high']:+.1%}]"
                              if len(e) else "–")
