@@ -192,9 +192,12 @@ def attack_chunk(cfg: Config, models: SweepModels, chunk: pd.DataFrame, progress
         out["queries"] = res.queries
     else:
         raise ConfigError(f"sweep.attacks: unknown attack {attack!r} (one of {', '.join(SWEEP_ATTACKS)})")
-    t = torch.as_tensor(targets, dtype=torch.long, device=models.device)
-    a = torch.as_tensor(alphas, dtype=torch.float32, device=models.device)
-    images, conf, _ = score_latents(released, F_, latents.to(models.device), t, a)    # judged under R' itself
+    if attack == "whitebox":      # generator_mia already scored its latents under R' (fp32 networks)
+        images, conf = res.images, res.target_conf
+    else:                         # EOT's own scores average transforms; the oracle's may be masked
+        t = torch.as_tensor(targets, dtype=torch.long, device=models.device)
+        a = torch.as_tensor(alphas, dtype=torch.float32, device=models.device)
+        images, conf, _ = score_latents(released, F_, latents.to(models.device), t, a)
     out["final_loss"] = (-torch.log(conf.clamp_min(1e-12))).cpu().numpy()
     out["target_conf"] = conf.cpu().numpy()
     out["latent"] = list(latents.cpu().numpy().astype(np.float32))
